@@ -1,6 +1,68 @@
 """Posteriors over MACE weights, behind one interface.
 
-``load_posterior(path, device="cpu")`` reads a rarefly model file (``.rfly``) and returns a
-:class:`rarefly.posterior.base.Posterior`, which implements
-:class:`rarefly.prediction.Predictor`: ``predict(structures) -> list[Prediction]``.
+``load_posterior(path)`` reads a rarefly model file (``.rfly``) and returns a
+:class:`~rarefly.posterior.base.Posterior` (a :class:`rarefly.prediction.Predictor`);
+``create_posterior(foundation, kind)`` starts one from a MACE checkpoint. The posterior
+kinds are registered once, in :data:`KINDS`.
 """
+
+from __future__ import annotations
+
+import torch
+
+from rarefly.posterior.base import LabelledFrame, Posterior, PosteriorSettings
+from rarefly.posterior.lastlayer import LastLayerPosterior
+from rarefly.posterior.sghmc import SGHMCConfig, SGHMCPosterior
+
+#: the one registry of posterior kinds
+KINDS = {"lastlayer": LastLayerPosterior, "sghmc": SGHMCPosterior}
+
+__all__ = ["KINDS", "LabelledFrame", "Posterior", "PosteriorSettings", "create_posterior",
+           "load_posterior"]
+
+_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+def create_posterior(foundation: str, kind: str = "lastlayer", settings: PosteriorSettings | None = None,
+                     dtype: str = "float64", device: str = "cpu", **kind_options) -> Posterior:
+    """A posterior at its prior, centred on the foundation checkpoint ``foundation``."""
+    from rarefly.foundation import architecture_of, load_foundation
+    from rarefly.posterior.backbone import Backbone
+
+    if kind not in KINDS:
+        raise ValueError(f"unknown posterior kind {kind!r}; choose one of {', '.join(KINDS)}")
+    model = load_foundation(foundation, device=device).to(_DTYPES[dtype])
+    arch = architecture_of(model)
+    settings = settings or PosteriorSettings()
+    prov = {"foundation": str(foundation)}
+    bb = Backbone(model)
+    if kind == "lastlayer":
+        return LastLayerPosterior.from_foundation(bb, settings, architecture=arch, provenance=prov,
+                                                  **kind_options)
+    return SGHMCPosterior(bb, settings, SGHMCConfig(**kind_options), architecture=arch,
+                          provenance=prov)
+
+
+def load_posterior(path, device: str = "cpu", epsilon: float | None = None,
+                   dtype: str | None = None) -> Posterior:
+    """Load a rarefly model file. ``epsilon`` (eV) overrides the stored threshold."""
+    import rarefly  # noqa: F401  (e3nn fix)
+    from rarefly.foundation import build_model
+    from rarefly.model_file import load_model_file
+    from rarefly.posterior.backbone import Backbone
+    from rarefly.calibration import Calibration
+
+    payload = load_model_file(path)
+    kind = payload["kind"]
+    if kind not in KINDS:
+        raise ValueError(f"{path}: unknown posterior kind {kind!r}")
+    weights = payload["weights"]
+    tdtype = _DTYPES[dtype] if dtype else next(v.dtype for v in weights.values() if v.is_floating_point())
+    model = build_model(payload["architecture"], weights, dtype=tdtype, device=device)
+    settings = PosteriorSettings.from_dict(payload["settings"])
+    if epsilon is not None:
+        settings.epsilon = float(epsilon)
+    kw = dict(calibration=Calibration.from_dict(payload["calibration"]),
+              energy_offset=payload.get("energy_offset"), model_version=payload["model_version"],
+              provenance=payload.get("provenance"), architecture=payload["architecture"])
+    return KINDS[kind].from_payload(Backbone(model), settings, payload["posterior"], **kw)
