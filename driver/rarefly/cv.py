@@ -1,0 +1,337 @@
+"""The PLUMED side of the uncertainty collective variable sigma_E.
+
+A PLUMED input turns the model's calibrated energy uncertainty into a CV with::
+
+    UNITS LENGTH=A ENERGY=eV
+    LOAD FILE=__RAREFLY_PYCV__
+    sigma: PYCVINTERFACE ATOMS=@mdatoms IMPORT=rarefly.cv INIT=init CALCULATE=calculate
+
+(``__RAREFLY_PYCV__`` is the PyCV plugin; ``python -m rarefly.cv render IN -o OUT`` fills it
+in, see :func:`render_plumed_input`). The value is sigma_E, its derivatives are the exact
+d sigma_E / d positions and, for periodic systems, the box derivatives, all computed by the
+driver (:mod:`rarefly.cv_service`), the only process that evaluates the model.
+
+Why PyCV and not EXTRACV
+------------------------
+PLUMED offers two ways to feed it an outside quantity. ``EXTRACV`` needs the MD engine to
+call ``setExtraCV``/``setExtraCVForce`` every step; i-PI's ``<ffplumed>`` passes only
+positions and cell, so EXTRACV would need a patched i-PI that users must run instead of
+their own. PyCV (``PYCVINTERFACE``, the plugin bundled with the PLUMED kernel rarefly
+installs) runs Python inside the process that hosts PLUMED. Under i-PI that is i-PI's own
+interpreter (checked: the plugin reuses it), so this module runs in i-PI's main thread,
+receives the positions PLUMED is biasing (the centroid in path-integral runs) and asks the
+driver over zmq. Stock i-PI XML + a PLUMED file is all the user writes; the cost is one
+local round trip per evaluation (about 0.1 ms on ipc).
+
+Facts this module relies on (checked with i-PI 3.3.1 and the bundled PLUMED 2.11-dev):
+
+* i-PI calls PLUMED twice per step at the same positions (the bias force, then
+  ``mtd_update``); the second call is answered from this module's last result.
+* i-PI evaluates the physical forces before the bias, so the driver has normally just
+  evaluated (and remembered) the positions the CV asks for.
+* An exception raised here at calculate time reaches i-PI as a ``PlumedError`` and i-PI exits
+  with status 1, the message in its output. An exception in ``init`` aborts the process
+  (pybind11 without the GIL), so ``init`` does nothing that can fail.
+* PyCV passes no arguments to ``init``: the endpoint and timeout come from the environment
+  of the i-PI process (``RAREFLY_CV_ENDPOINT``, ``RAREFLY_CV_TIMEOUT``).
+
+Units
+-----
+All rarefly PLUMED inputs declare ``UNITS LENGTH=A ENERGY=eV``: sigma_E in eV, gradients in
+eV/A, METAD heights and widths in eV. Inputs kept in PLUMED's defaults (nm, kJ/mol) work too
+when ``RAREFLY_CV_PLUMED_UNITS=nm,kJ/mol`` is set; the conversion happens here and nowhere
+else. The first evaluation checks the closest pair of atoms: closer than 0.3 A means the
+positions are not in Angstrom (PLUMED in nm without the variable) and the run stops with a
+sentence that says so.
+
+Environment
+-----------
+``RAREFLY_CV_ENDPOINT``   the driver's CV endpoint (default ``ipc:///tmp/rarefly-cv-localhost``,
+                          the endpoint of ``rarefly driver`` on i-PI's default address)
+``RAREFLY_CV_TIMEOUT``    seconds to wait for an answer before stopping the run (default 30)
+``RAREFLY_CV_PLUMED_UNITS``  ``A,eV`` (default) or PLUMED's length,energy units otherwise
+``RAREFLY_PYCV``          path of the PyCV plugin, when not the one bundled with ``plumed``
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import zmq
+from ase import units as _ase_units
+
+from rarefly import cv_service as _wire
+from rarefly.units import ENERGY_UNITS, energy_to_ev
+
+ENV_ENDPOINT = _wire.ENV_ENDPOINT
+ENV_TIMEOUT = "RAREFLY_CV_TIMEOUT"
+ENV_PLUMED_UNITS = "RAREFLY_CV_PLUMED_UNITS"
+ENV_PYCV = "RAREFLY_PYCV"
+DEFAULT_TIMEOUT_S = 30.0
+#: a request unanswered this long is sent again on a fresh socket (requests are idempotent)
+RESEND_S = 5.0
+PYCV_PLACEHOLDER = "__RAREFLY_PYCV__"
+#: closest allowed pair of atoms (Angstrom) at the first evaluation (a units check)
+MIN_PAIR_DISTANCE_A = 0.3
+#: PLUMED length units -> Angstrom (PLUMED's UNITS LENGTH keywords)
+_LENGTH_TO_A = {"A": _ase_units.Ang, "nm": _ase_units.nm, "Bohr": _ase_units.Bohr,
+                "bohr": _ase_units.Bohr}
+_DATA_KEY = "rarefly"
+
+
+class CVError(RuntimeError):
+    """The uncertainty CV cannot be computed; the message is one sentence for the user."""
+
+
+def plumed_units(spec: str | None = None) -> tuple[float, float]:
+    """(Angstrom per PLUMED length unit, eV per PLUMED energy unit) from ``"A,eV"`` style."""
+    spec = spec if spec is not None else os.environ.get(ENV_PLUMED_UNITS, "A,eV")
+    try:
+        length, energy = (s.strip() for s in spec.split(","))
+        energy = {k.lower(): k for k in ENERGY_UNITS}[energy.lower()]  # PLUMED writes kj/mol
+        return _LENGTH_TO_A[length], energy_to_ev(1.0, energy)
+    except (ValueError, KeyError):
+        raise CVError(f"{ENV_PLUMED_UNITS}={spec!r} is not LENGTH,ENERGY with LENGTH one of "
+                      f"{', '.join(_LENGTH_TO_A)} and ENERGY one of eV, kJ/mol, kcal/mol") from None
+
+
+class CVClient:
+    """REQ side of the wire: sigma_E for positions, with a bounded wait.
+
+    A request unanswered for ``RESEND_S`` is sent again on a fresh socket (a restarted driver
+    gets it); after ``timeout_s`` in all, :class:`CVError` names the endpoint.
+    """
+
+    def __init__(self, endpoint: str, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 resend_s: float = RESEND_S):
+        self.endpoint = _wire.check_endpoint(endpoint)
+        self.timeout_s = float(timeout_s)
+        self.resend_s = float(resend_s)
+        self._ctx = zmq.Context()
+        self._sock: zmq.Socket | None = None
+
+    def _socket(self) -> zmq.Socket:
+        if self._sock is None:
+            self._sock = self._ctx.socket(zmq.REQ)
+            self._sock.setsockopt(zmq.LINGER, 0)
+            self._sock.connect(self.endpoint)
+        return self._sock
+
+    def _reset(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+
+    def sigma(self, positions: np.ndarray, cell: np.ndarray | None = None) -> _wire.SigmaReply:
+        """sigma_E (eV) and its gradients at ``positions`` (N,3, A), ``cell`` rows in A."""
+        frames = _wire.encode_request(positions, cell)
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            sock = self._socket()
+            sock.send_multipart(frames)
+            wait = min(self.resend_s, max(deadline - time.monotonic(), 0.0))
+            if sock.poll(int(wait * 1000) + 1):
+                reply = sock.recv_multipart()
+                try:
+                    return _wire.decode_reply(reply, len(positions))
+                except _wire.ProtocolError as err:
+                    raise CVError(f"rarefly uncertainty CV: the driver at {self.endpoint} could "
+                                  f"not compute sigma_E: {err}") from None
+            self._reset()  # a REQ socket cannot send again before it has received
+            if time.monotonic() >= deadline:
+                raise CVError(
+                    f"rarefly uncertainty CV: no answer from the rarefly driver at "
+                    f"{self.endpoint} within {self.timeout_s:g} s, so the run stops (start "
+                    f"`rarefly driver` or `rarefly cv-server` with this CV endpoint, or set "
+                    f"{ENV_ENDPOINT} / {ENV_TIMEOUT})")
+
+    def close(self) -> None:
+        self._reset()
+        self._ctx.term()
+
+
+class UncertaintyCV:
+    """State of one ``PYCVINTERFACE`` action: the client, units and the last result."""
+
+    def __init__(self, endpoint: str | None = None, timeout_s: float | None = None,
+                 units: str | None = None):
+        self.endpoint = endpoint or os.environ.get(ENV_ENDPOINT) or _wire.default_endpoint()
+        if timeout_s is None:
+            timeout_s = _env_float(ENV_TIMEOUT, DEFAULT_TIMEOUT_S)
+        self.length_a, self.energy_ev = plumed_units(units)
+        self.client = CVClient(self.endpoint, timeout_s)
+        self.checked = False
+        self.warned_virial = False
+        self._last_key: tuple[bytes, bytes] | None = None
+        self._last: tuple[float, np.ndarray, np.ndarray] | None = None
+        self.requests = 0
+
+    def compute(self, positions: np.ndarray, box: np.ndarray,
+                log=None) -> tuple[float, np.ndarray, np.ndarray]:
+        """(value, d value/d positions, box derivatives), all in PLUMED units.
+
+        positions: (N,3) and box: (3,3) rows, both in PLUMED length units, as PyCV gives them.
+        """
+        positions = np.array(positions, dtype=float)
+        box = np.array(box, dtype=float).reshape(3, 3)
+        key = (positions.tobytes(), box.tobytes())
+        if key == self._last_key:
+            return self._last
+        pos_a = positions * self.length_a
+        box_a = box * self.length_a
+        if not self.checked:
+            _check_distances(pos_a)
+            self.checked = True
+        has_box = abs(np.linalg.det(box_a)) > 1e-6
+        self.requests += 1
+        reply = self.client.sigma(pos_a, box_a if has_box else None)
+        scale = 1.0 / self.energy_ev  # eV -> PLUMED energy
+        value = reply.sigma * scale
+        grad = reply.gradient * (self.length_a * scale)
+        if reply.cell_gradient is not None:
+            # PLUMED's box derivative of a CV s is -(d s / d strain) (for a CV without explicit
+            # cell dependence: -sum_i r_i (x) ds/dr_i); ASE row convention on both sides.
+            box_deriv = -reply.cell_gradient * scale
+        else:
+            box_deriv = -np.einsum("ia,ib->ab", positions, grad)
+            if reply.periodic and not self.warned_virial and log is not None:
+                log("rarefly: WARNING the model gives no cell gradient of sigma_E; the bias "
+                    "virial uses atom derivatives only (fine at constant volume)\n")
+                self.warned_virial = True
+        self._last_key, self._last = key, (value, grad, box_deriv)
+        return self._last
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise CVError(f"{name}={raw!r} is not a number of seconds") from None
+    if not value > 0:
+        raise CVError(f"{name}={raw!r} must be positive")
+    return value
+
+
+def _check_distances(pos_a: np.ndarray, max_atoms: int = 500) -> None:
+    p = pos_a[:max_atoms]
+    if len(p) < 2:
+        return
+    d = np.linalg.norm(p[:, None, :] - p[None, :, :], axis=-1)
+    d[np.diag_indices(len(p))] = np.inf
+    closest = float(d.min())
+    if closest < MIN_PAIR_DISTANCE_A:
+        raise CVError(
+            f"rarefly uncertainty CV: two atoms are {closest:.3g} A apart, so PLUMED's lengths "
+            f"are not Angstrom; add `UNITS LENGTH=A ENERGY=eV` to the PLUMED input (or set "
+            f"{ENV_PLUMED_UNITS} to its units)")
+
+
+# ------------------------------------------------------------------- PyCV entry points
+
+
+def init(action) -> dict:
+    """PyCV ``INIT``: one non-periodic value with derivatives. Must not fail (see above)."""
+    action.data[_DATA_KEY] = None  # created at the first calculate, where errors are clean
+    return {"Value": {"period": None, "derivative": True}}
+
+
+def calculate(action):
+    """PyCV ``CALCULATE``: (sigma_E, d sigma_E/d positions, box derivatives) in PLUMED units."""
+    cv = action.data.get(_DATA_KEY)
+    if cv is None:
+        indexes = np.asarray(action.absoluteIndexes())
+        if not np.array_equal(indexes, np.arange(len(indexes))):
+            raise CVError("rarefly uncertainty CV: the model needs every atom in the MD "
+                          "order; use ATOMS=@mdatoms in PYCVINTERFACE")
+        cv = UncertaintyCV()
+        action.data[_DATA_KEY] = cv
+    return cv.compute(action.getPositions(), action.getPbc().getBox(), log=action.log)
+
+
+# ------------------------------------------------------------- PLUMED input rendering
+
+
+def pycv_plugin_path() -> Path:
+    """The PyCV plugin (``PythonCVInterface.so``): ``$RAREFLY_PYCV`` or the bundled one."""
+    explicit = os.environ.get(ENV_PYCV)
+    if explicit:
+        path = Path(explicit)
+    else:
+        try:
+            import plumed  # the hillclimber wheel's module: it knows its bundled plugin
+        except ImportError:
+            plumed = None
+        bundled = getattr(plumed, "BUNDLED_PYCV_PATH", None)
+        if bundled is None:
+            raise CVError(f"no PyCV plugin found: install the `hillclimber` wheel (it bundles "
+                          f"PLUMED and PyCV) or set {ENV_PYCV} to PythonCVInterface.so")
+        path = Path(bundled)
+    if not path.is_file():
+        raise CVError(f"the PyCV plugin {path} does not exist")
+    return path
+
+
+_PLACEHOLDER_RE = re.compile(r"__([A-Z][A-Z0-9_]*)__")
+
+
+def render_plumed_input(text: str, values: dict[str, str] | None = None) -> str:
+    """Fill the placeholders of a rarefly PLUMED input.
+
+    ``__RAREFLY_PYCV__`` becomes the PyCV plugin path; any other ``__KEY__`` takes
+    ``values[KEY]`` (e.g. ``WALKER_ID`` in the multiple-walker input). A placeholder left
+    without a value is an error.
+    """
+    values = {k.upper(): str(v) for k, v in (values or {}).items()}
+    if PYCV_PLACEHOLDER in text:
+        values.setdefault("RAREFLY_PYCV", str(pycv_plugin_path()))
+    missing = sorted({m for m in _PLACEHOLDER_RE.findall(text) if m not in values})
+    if missing:
+        raise CVError(f"the PLUMED input needs values for {', '.join(missing)} "
+                      f"(give --set {missing[0]}=...)")
+    return _PLACEHOLDER_RE.sub(lambda m: values[m.group(1)], text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m rarefly.cv",
+        description="Helpers for PLUMED inputs that use rarefly's uncertainty CV.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("render", help="fill __RAREFLY_PYCV__ (and --set KEY=VALUE) in an input")
+    p.add_argument("input", help="a PLUMED input, e.g. plumed_inputs/metad.dat")
+    p.add_argument("-o", "--output", help="output file (default: standard output)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="value of a __KEY__ placeholder (repeatable)")
+    sub.add_parser("pycv-path", help="print the path of the PyCV plugin")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "pycv-path":
+            print(pycv_plugin_path())
+            return 0
+        values = {}
+        for item in args.set:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise CVError(f"--set {item!r} is not KEY=VALUE")
+            values[key] = value
+        text = render_plumed_input(Path(args.input).read_text(), values)
+    except (CVError, OSError) as err:
+        print(f"rarefly.cv: {err}", file=sys.stderr)
+        return 2
+    if args.output:
+        Path(args.output).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
