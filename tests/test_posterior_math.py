@@ -1,0 +1,167 @@
+"""Finite-difference checks of forces, stress and d sigma_E / dR for both posterior kinds,
+the backbone against mace's own forward, batching, and the model-file round trip."""
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from ase.build import molecule
+
+from rarefly.graph import build_graph
+from rarefly.posterior import KINDS, LabelledFrame, load_posterior
+from rarefly.posterior.backbone import Backbone
+from rarefly.posterior.base import PosteriorSettings
+from rarefly.posterior.lastlayer import LastLayerPosterior
+from rarefly.posterior.sghmc import SGHMCConfig, SGHMCPosterior
+from rarefly.prediction import InputError, Structure
+
+from _models import random_mace
+
+torch.set_num_threads(1)
+
+
+def _molecule(seed=0):
+    a = molecule("CH3CH2OH")
+    a.rattle(0.05, seed=seed)
+    return Structure.from_atoms(a)
+
+
+def _periodic(seed=0):
+    rng = np.random.default_rng(seed)
+    w = molecule("H2O")
+    atoms = Atoms()
+    for shift in ([0.5, 0.5, 0.5], [3.0, 3.2, 2.9], [1.0, 3.5, 3.8]):
+        m = w.copy()
+        m.positions += np.array(shift)
+        atoms += m
+    atoms.cell = [[5.0, 0.2, 0.0], [0.0, 5.2, 0.3], [0.1, 0.0, 4.9]]
+    atoms.pbc = True
+    atoms.positions += rng.normal(0, 0.03, atoms.positions.shape)
+    return Structure.from_atoms(atoms)
+
+
+def _frames(n=6):
+    out = []
+    for k in range(n):
+        s = _molecule(seed=k + 10)
+        out.append(LabelledFrame(s, -4100.0 + 0.05 * k, np.random.default_rng(k).normal(0, 0.3, (9, 3))))
+    return out
+
+
+@pytest.fixture(scope="module", params=["lastlayer", "sghmc"])
+def posterior(request):
+    bb = Backbone(random_mace())
+    if request.param == "lastlayer":
+        post = LastLayerPosterior.from_foundation(bb, PosteriorSettings(), rank=64)
+        post.fit(_frames())
+    else:
+        post = SGHMCPosterior(bb, PosteriorSettings(), SGHMCConfig(num_samples=3, cycle_steps=6, batch_size=2))
+        post.fit(_frames())
+    return post
+
+
+def test_backbone_matches_mace():
+    model = random_mace()
+    s = _molecule()
+    data = build_graph([s], model.r_max.item(), [1, 6, 7, 8], torch.float64)
+    ref = model(dict(data), compute_force=True)
+    bb = Backbone(model)
+    pos = data["positions"].detach().clone().requires_grad_(True)
+    out = bb(data, pos)
+    e = out["energy"].sum()
+    (g,) = torch.autograd.grad(e, pos)
+    assert e.item() == pytest.approx(ref["energy"].item(), abs=1e-9)
+    np.testing.assert_allclose(-g.numpy(), ref["forces"].detach().numpy(), atol=1e-9)
+    lin = (out["fixed"] + out["phi"] @ bb.readout_weights()).sum()
+    assert lin.item() == pytest.approx(e.item(), abs=1e-9)
+
+
+def _fd(posterior, s, attr, i, a, h=1e-5):
+    p = s.positions.copy()
+    p[i, a] += h
+    up = getattr(posterior.predict([Structure(s.numbers, p, s.cell, s.pbc)])[0], attr)
+    p[i, a] -= 2 * h
+    dn = getattr(posterior.predict([Structure(s.numbers, p, s.cell, s.pbc)])[0], attr)
+    return (up - dn) / (2 * h)
+
+
+@pytest.mark.parametrize("make", [_molecule, _periodic])
+def test_forces_and_sigma_gradient_finite_differences(posterior, make):
+    s = make()
+    pred = posterior.predict([s])[0]
+    assert pred.energy_sigma > 0 and 0 <= pred.confidence <= 1
+    for i, a in [(0, 0), (3, 1), (len(s.numbers) - 1, 2)]:
+        assert pred.forces[i, a] == pytest.approx(-_fd(posterior, s, "energy", i, a), abs=2e-6)
+        assert pred.energy_sigma_gradient[i, a] == pytest.approx(
+            _fd(posterior, s, "energy_sigma", i, a), abs=2e-6, rel=1e-4)
+
+
+def test_stress_and_sigma_cell_gradient_finite_differences(posterior):
+    s = _periodic()
+    pred = posterior.predict([s])[0]
+    h = 1e-5
+    vol = abs(np.linalg.det(s.cell))
+    for (i, j) in [(0, 0), (1, 2), (2, 1)]:
+        vals = {}
+        for sign in (+1, -1):
+            eps = np.zeros((3, 3))
+            eps[i, j] += 0.5 * sign * h
+            eps[j, i] += 0.5 * sign * h
+            deform = np.eye(3) + eps
+            st = Structure(s.numbers, s.positions @ deform, s.cell @ deform, s.pbc)
+            p = posterior.predict([st])[0]
+            vals[sign] = (p.energy, p.energy_sigma)
+        dE = (vals[1][0] - vals[-1][0]) / (2 * h)
+        dS = (vals[1][1] - vals[-1][1]) / (2 * h)
+        assert pred.stress[i, j] * vol == pytest.approx(dE, abs=2e-5)
+        assert pred.energy_sigma_cell_gradient[i, j] == pytest.approx(dS, abs=2e-5, rel=1e-4)
+
+
+def test_batch_equals_single(posterior):
+    structs = [_molecule(1), _periodic(2), _molecule(3)]
+    batched = posterior.predict(structs)
+    for s, b in zip(structs, batched):
+        (one,) = posterior.predict([s])
+        assert b.energy == pytest.approx(one.energy, abs=1e-9)
+        np.testing.assert_allclose(b.forces, one.forces, atol=1e-9)
+        assert b.energy_sigma == pytest.approx(one.energy_sigma, rel=1e-8)
+        np.testing.assert_allclose(b.energy_sigma_gradient, one.energy_sigma_gradient, atol=1e-9)
+        np.testing.assert_allclose(b.forces_sigma, one.forces_sigma, rtol=1e-7)
+
+
+def test_model_file_round_trip(posterior, tmp_path):
+    path = tmp_path / "m.rfly"
+    posterior.save(path)
+    again = load_posterior(path)
+    assert type(again) is KINDS[posterior.kind]
+    s = _molecule(5)
+    a, b = posterior.predict([s])[0], again.predict([s])[0]
+    assert a.energy == pytest.approx(b.energy, abs=1e-10)
+    assert a.energy_sigma == pytest.approx(b.energy_sigma, rel=1e-10)
+    np.testing.assert_allclose(a.forces_sigma, b.forces_sigma, rtol=1e-10)
+
+
+def test_unknown_species_and_bad_positions(posterior):
+    s = _molecule()
+    si = Structure(np.array([14] + list(s.numbers[1:])), s.positions)
+    with pytest.raises(InputError, match="element\\(s\\) Si not in the model"):
+        posterior.predict([si])
+    bad = s.positions.copy()
+    bad[2, 1] = np.nan
+    with pytest.raises(InputError, match="atom 2 is not finite"):
+        posterior.predict([Structure(s.numbers, bad)])
+    close = s.positions.copy()
+    close[1] = close[0] + 0.01
+    with pytest.raises(InputError, match="atoms 0 and 1 overlap|atoms 1 and 0 overlap"):
+        posterior.predict([Structure(s.numbers, close)])
+
+
+def test_lastlayer_learns_and_shrinks_uncertainty():
+    """Fitting on data must reduce the posterior variance at those points."""
+    bb = Backbone(random_mace(seed=3))
+    prior = LastLayerPosterior.from_foundation(bb, PosteriorSettings())
+    frames = _frames(8)
+    before = prior.predict([frames[0].structure])[0].extra["energy_sigma_raw"]
+    prior.fit(frames)
+    after = prior.predict([frames[0].structure])[0].extra["energy_sigma_raw"]
+    assert after < before
