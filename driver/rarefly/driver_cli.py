@@ -1,0 +1,236 @@
+"""``rarefly driver``: serve a rarefly model to i-PI (or ASE) over the i-PI socket protocol.
+
+A thin layer over :func:`rarefly.client.serve`: read the template structure, load the model,
+check that the model knows every element of the template, then serve until i-PI sends EXIT.
+Every failure is one line ``rarefly driver: <sentence>`` on stderr and an exit code (the
+table is in :mod:`rarefly.client`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+import warnings
+from pathlib import Path
+from typing import Callable
+
+from rarefly.client import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_PORT,
+    DEFAULT_SOCKETS_PREFIX,
+    EXIT_INPUT,
+    DriverError,
+    serve,
+)
+from rarefly.units import ENERGY_UNITS, energy_to_ev
+
+#: ``loader(path, device=..., epsilon=...)`` -> predictor with ``.atomic_numbers``.
+Loader = Callable[..., object]
+
+EPILOG = f"""\
+example, i-PI and the driver on one machine (UNIX socket, the fastest):
+
+  in i-PI's input.xml:
+    <ffsocket name="rarefly" mode="unix" pbc="true">
+      <address>ethanol</address>          <!-- socket file /tmp/ipi_ethanol -->
+    </ffsocket>
+    ...
+    <system> ... <forces><force forcefield="rarefly"/></forces> ... </system>
+    <output>                              <!-- optional: the uncertainties, per step -->
+      <trajectory filename="sigma_e" stride="1" extra_type="energy_uncertainty">
+        extras </trajectory>
+    </output>
+
+  i-pi input.xml &
+  rarefly driver --model model.rfly --template init.xyz -u -a ethanol
+
+example, driver on another node (TCP):
+    <ffsocket name="rarefly" mode="inet"><address>0.0.0.0</address>
+      <port>31415</port></ffsocket>
+  rarefly driver --model model.rfly --template init.xyz -a HOSTNAME -p 31415
+
+notes:
+  i-PI does not send species: --template must hold the same atoms in the same order as
+  the file in i-PI's <initialize>. Its periodicity decides the virial: periodic templates
+  get -stress*volume, molecules a zero virial (then also set pbc="false" on <ffsocket>).
+  <batch_size>N</batch_size> inside <ffsocket> lets i-PI send N structures (e.g. the
+  beads) per request; the driver evaluates them in one model call.
+  Each force reply carries JSON extras: energy_uncertainty (eV), forces_uncertainty
+  (eV/A, per atom), confidence (P(|E error| < epsilon)) and model_version.
+
+exit codes: 0 i-PI sent EXIT, 1 bad model/template/option, 2 bad command line,
+  3 no server, 4 server disconnected without EXIT, 5 malformed message,
+  6 a structure that cannot be evaluated (atom count, NaN, overlapping atoms, zero volume)
+"""
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = EPILOG
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", required=True, metavar="FILE",
+                       help="rarefly model file (.rfly) to serve")
+    model.add_argument("--template", required=True, metavar="FILE",
+                       help="any ASE-readable structure (first frame is used) with the "
+                            "species and atom order of i-PI's system; its periodicity "
+                            "decides whether a virial is returned")
+    model.add_argument("--device", default="cpu", metavar="DEVICE",
+                       help="torch device for the model: cpu, cuda or cuda:N "
+                            "(default: %(default)s)")
+    model.add_argument("--epsilon", type=float, default=None, metavar="VALUE",
+                       help="energy tolerance of the reported confidence "
+                            "P(|E error| < epsilon) (default: the model file's value)")
+    model.add_argument("--epsilon-unit", default="eV", choices=list(ENERGY_UNITS),
+                       help="unit of --epsilon (default: %(default)s)")
+    conn = parser.add_argument_group("connection (as in i-PI's drivers)")
+    conn.add_argument("-a", "--address", default="localhost",
+                      help="host name of the i-PI server, or with -u the socket name "
+                           "(file SOCKETS_PREFIX+ADDRESS) or an absolute socket path "
+                           "(default: %(default)s)")
+    conn.add_argument("-p", "--port", type=_port, default=DEFAULT_PORT,
+                      help="TCP port of the i-PI server; ignored with -u "
+                           "(default: %(default)s)")
+    conn.add_argument("-u", "--unix", action="store_true",
+                      help="connect to a UNIX domain socket instead of TCP")
+    conn.add_argument("-S", "--sockets-prefix", default=DEFAULT_SOCKETS_PREFIX,
+                      metavar="PREFIX",
+                      help="prefix of UNIX socket files, as i-PI's <simulation "
+                           "sockets_prefix> (default: %(default)s)")
+    conn.add_argument("--connect-timeout", type=_seconds, default=DEFAULT_CONNECT_TIMEOUT,
+                      metavar="SECONDS",
+                      help="how long to keep trying to reach the server, at start and "
+                           "after a disconnect (default: %(default)g)")
+    conn.add_argument("--exit-on-disconnect", action="store_true",
+                      help="exit at once when the server disconnects without sending EXIT, "
+                           "instead of waiting --connect-timeout for it to come back")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="print only errors, not connection progress")
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port {value} is outside 1-65535")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a non-negative number of seconds")
+    return value
+
+
+def read_template(path: str):
+    """The first structure of ``path`` as ASE Atoms; DriverError when it cannot be read."""
+    from ase.io import read
+
+    p = Path(path)
+    if not p.is_file():
+        raise DriverError(f"the template file {path} does not exist")
+    try:
+        atoms = read(p, index=0)
+    except Exception as exc:  # ASE raises many kinds for unreadable files
+        raise DriverError(f"cannot read the template file {path} as a structure "
+                          f"({_one_line(exc)})") from None
+    if len(atoms) == 0:
+        raise DriverError(f"the template file {path} holds no atoms")
+    if any(atoms.pbc) and atoms.cell.rank < 3:
+        raise DriverError(f"the template file {path} is periodic but its cell has zero "
+                          "volume; give it a full cell or make it non-periodic")
+    return atoms
+
+
+def load_model(path: str, device: str, epsilon: float | None, loader: Loader | None = None):
+    """Load the model file; DriverError naming the file when that fails."""
+    p = Path(path)
+    if not p.is_file():
+        raise DriverError(f"the model file {path} does not exist")
+    if loader is None:
+        try:
+            from rarefly.posterior import load_posterior as loader
+        except ImportError:
+            raise DriverError("this rarefly installation cannot load model files "
+                              "(rarefly.posterior.load_posterior is missing)") from None
+    try:
+        with warnings.catch_warnings():
+            # Import-time noise of mace/e3nn/TorchScript that says nothing to a user.
+            for text in _QUIET_WARNINGS:
+                warnings.filterwarnings("ignore", message=text, category=UserWarning)
+            return loader(str(p), device=device, epsilon=epsilon)
+    except DriverError:
+        raise
+    except Exception as exc:
+        detail = _one_line(exc)
+        if str(p) in detail:  # the loader's message already names the file
+            raise DriverError(detail) from None
+        raise DriverError(f"cannot load the model file {path} ({detail})") from None
+
+
+_QUIET_WARNINGS = ("The TorchScript type system",
+                   "Environment variable TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
+
+
+def check_species(numbers, predictor, model_path: str, template_path: str) -> None:
+    """DriverError naming the elements of the template that the model does not know."""
+    from ase.data import chemical_symbols
+
+    known = getattr(predictor, "atomic_numbers", None)
+    if known is None:
+        return
+    known = {int(z) for z in known}
+    unknown = sorted({int(z) for z in numbers} - known)
+    if unknown:
+        names = ", ".join(chemical_symbols[z] for z in unknown)
+        knows = ", ".join(chemical_symbols[z] for z in sorted(known))
+        raise DriverError(f"the template {template_path} contains {names}, which the model "
+                          f"{model_path} does not know (it knows {knows})")
+
+
+def run(args: argparse.Namespace, *, loader: Loader | None = None) -> int:
+    """Run ``rarefly driver``; ``loader`` replaces load_posterior (tests use a test double)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("rarefly driver: %(message)s"))
+    logger = logging.getLogger("rarefly.client")
+    logger.addHandler(handler)
+    previous_level = logger.level
+    logger.setLevel(logging.WARNING if args.quiet else logging.INFO)
+    try:
+        template = read_template(args.template)
+        try:
+            epsilon = (None if args.epsilon is None
+                       else energy_to_ev(args.epsilon, args.epsilon_unit))
+        except ValueError as exc:
+            raise DriverError(str(exc)) from None
+        predictor = load_model(args.model, args.device, epsilon, loader)
+        check_species(template.numbers, predictor, args.model, args.template)
+        serve(predictor, template.numbers, address=args.address, port=args.port,
+              unix=args.unix, sockets_prefix=args.sockets_prefix,
+              connect_timeout=args.connect_timeout, pbc=tuple(template.pbc),
+              exit_on_disconnect=args.exit_on_disconnect,
+              template_name=f"the template {args.template}")
+        return 0
+    except DriverError as exc:
+        print(f"rarefly driver: {exc.message}", file=sys.stderr)
+        return exc.exit_code
+    except Exception as exc:
+        traceback.print_exc()
+        print(f"rarefly driver: unexpected {type(exc).__name__} ({_one_line(exc)}); the "
+              "traceback above is for a bug report", file=sys.stderr)
+        return EXIT_INPUT
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous_level)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
