@@ -26,7 +26,6 @@ from ase import Atoms
 from ase.build import bulk
 from ase.calculators.lj import LennardJones
 from ase.calculators.socketio import SocketIOCalculator
-
 from rarefly.client import (
     EXIT_CONNECT,
     EXIT_DISCONNECTED,
@@ -310,7 +309,7 @@ def run_against_ase(template, sent, **kwargs):
         driver = Serving(LJPredictor(**kwargs.pop("predictor", {})), template, unix=True,
                          address=name, **kwargs)
         sent.calc = calc
-        with pytest.raises(Exception):  # ASE sees the driver hang up
+        with pytest.raises((OSError, AssertionError)):  # ASE sees the driver hang up
             sent.get_potential_energy()
         driver.finish()
     assert isinstance(driver.error, DriverError), driver.error
@@ -430,6 +429,19 @@ def test_close_pairs_minimum_image():
     assert len(close_pairs(pos, None, (False,) * 3, 0.1)) == 1
 
 
+@pytest.mark.parametrize("seed", range(20))
+def test_close_pairs_agrees_with_ase_neighbor_list(seed):
+    from ase.neighborlist import neighbor_list
+
+    rng = np.random.default_rng(seed)
+    cell = np.diag(rng.uniform(2, 5, 3)) + rng.uniform(-1, 1, (3, 3)) * np.tri(3, k=-1)
+    positions = rng.uniform(-1, 2, (40, 3)) @ cell  # also outside the cell
+    pbc = tuple(bool(x) for x in rng.random(3) < 0.7)
+    got = {(i, j) for i, j, _ in close_pairs(positions, cell, pbc, 0.6)}
+    i, j = neighbor_list("ij", Atoms("H40", positions=positions, cell=cell, pbc=pbc), 0.6)
+    assert got == {(min(a, b), max(a, b)) for a, b in zip(i, j) if a != b}
+
+
 # ------------------------------------------------ command line: stderr line and exit codes
 
 def driver_command(tmp_path, *args):
@@ -444,36 +456,88 @@ def write_template(tmp_path, atoms, name="init.extxyz"):
     return str(path)
 
 
-def test_command_line_errors(tmp_path):
-    """One stderr line and the exit code; the three commands run side by side."""
+def run_command(argv, capsys):
+    """``rarefly driver ARGV`` in this process with the test-double loader: (stderr, code)."""
+    from rarefly import cli, driver_cli
+
+    argv = ["driver", *argv]
+    code = driver_cli.run(cli.build_parser(argv).parse_args(argv), loader=load_test_double)
+    return capsys.readouterr().err, code
+
+
+def test_command_line_errors(tmp_path, capsys):
+    """One line on stderr, ``rarefly driver: <sentence>``, and the exit code."""
     periodic = write_template(tmp_path, argon())
     chlorine = write_template(tmp_path, Atoms("ArCl", positions=[[0, 0, 0], [0, 0, 3]]),
                               "arcl.extxyz")
     model = tmp_path / "model.rfly"
     model.write_text("test double")
+    # The real entry point, as a process: stderr and exit status.
+    missing = subprocess.Popen([sys.executable, "-m", "rarefly.cli", "driver", "--model",
+                                str(tmp_path / "missing.rfly"), "--template", periodic],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     name = unique_name()
-    commands = {
-        "no server": driver_command(tmp_path, "--model", str(model), "--template", periodic,
-                                    "-u", "-a", name, "--connect-timeout", "0.5"),
-        "species": driver_command(tmp_path, "--model", str(model), "--template", chlorine),
-        "no model": [sys.executable, "-m", "rarefly.cli", "driver", "--model",
-                     str(tmp_path / "missing.rfly"), "--template", periodic],
-        "bad model": driver_command(tmp_path, "--model", periodic, "--template", periodic),
-    }
-    procs = {k: subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for k, c in commands.items()}
-    done = {k: (p.communicate(timeout=30)[1], p.returncode) for k, p in procs.items()}
-    assert done["no server"] == (
+    assert run_command(["--model", str(model), "--template", periodic, "-u", "-a", name,
+                        "--connect-timeout", "0.5"], capsys) == (
         f"rarefly driver: no i-PI server accepted a connection at UNIX socket /tmp/ipi_{name} "
         "within 0.5 s; start i-PI first and check that -u/-a match the <ffsocket> of its "
         "input\n", EXIT_CONNECT)
-    assert done["species"] == (
+    assert run_command(["--model", str(model), "--template", chlorine], capsys) == (
         f"rarefly driver: the template {chlorine} contains Cl, which the model {model} does "
         "not know (it knows H, Ar)\n", 1)
-    assert done["no model"] == (
-        f"rarefly driver: the model file {tmp_path / 'missing.rfly'} does not exist\n", 1)
-    assert done["bad model"] == (
+    assert run_command(["--model", periodic, "--template", periodic], capsys) == (
         f"rarefly driver: cannot load the model file {periodic} (unsupported format)\n", 1)
+    assert run_command(["--model", str(model), "--template", str(tmp_path / "nope.xyz")],
+                       capsys) == (f"rarefly driver: the template file {tmp_path / 'nope.xyz'} "
+                                   "does not exist\n", 1)
+    _, stderr = missing.communicate(timeout=30)
+    assert (stderr, missing.returncode) == (
+        f"rarefly driver: the model file {tmp_path / 'missing.rfly'} does not exist\n", 1)
+
+
+IPI_XYZ = """2
+# CELL(abcABC):   10.60000    10.60000    10.60000    90.00000    90.00000    90.00000  Step: 0
+       Ar  1.0 1.0 1.0
+       Ar  3.0 3.0 3.0
+"""
+
+
+def test_template_periodicity(tmp_path):
+    from rarefly.driver_cli import read_template
+
+    ipi_format = tmp_path / "ipi.xyz"
+    ipi_format.write_text(IPI_XYZ)  # ASE alone reads this as a molecule
+    atoms = read_template(str(ipi_format))
+    assert atoms.pbc.all() and atoms.cell.lengths() == pytest.approx([10.6] * 3)
+    assert not read_template(str(ipi_format), pbc="no").pbc.any()
+    molecule = write_template(tmp_path, Atoms("Ar2", positions=[[0, 0, 0], [0, 0, 3]]), "m.xyz")
+    assert not read_template(molecule).pbc.any()
+    assert read_template(molecule, pbc="yes").pbc.all()
+    slab = write_template(tmp_path, Atoms("Ar", cell=[4, 4, 0], pbc=True), "bad.extxyz")
+    with pytest.raises(DriverError) as err:
+        read_template(slab)
+    assert err.value.message == (f"the template file {slab} is periodic but its cell has zero "
+                                 "volume; give it a full cell, or use --pbc no")
+
+
+def test_epsilon_unit_and_device_reach_the_loader(tmp_path, capsys):
+    from rarefly import cli, driver_cli
+
+    template = write_template(tmp_path, argon())
+    seen = {}
+
+    def loader(path, device, epsilon):
+        seen.update(path=path, device=device, epsilon=epsilon)
+        return LJPredictor()
+
+    argv = ["driver", "--model", template, "--template", template, "--epsilon", "1.5",
+            "--epsilon-unit", "kcal/mol", "--device", "cuda:1", "-u", "-a",
+            unique_name(), "--connect-timeout", "0"]
+    args = cli.build_parser(argv).parse_args(argv)
+    assert driver_cli.run(args, loader=loader) == EXIT_CONNECT
+    assert seen == {"path": template, "device": "cuda:1",
+                    "epsilon": pytest.approx(1.5 * 0.0433641, rel=1e-5)}
+    assert capsys.readouterr().err.startswith("rarefly driver: no i-PI server accepted")
 
 
 # ------------------------------------------------------------------ (b) a real i-PI server
@@ -482,8 +546,10 @@ IPI_INPUT = """\
 <simulation verbosity="low" safe_stride="1000">
   <output prefix="sim">
     <properties stride="1" filename="out">[step, potential{{electronvolt}}]</properties>
-    <trajectory filename="pos" stride="1" format="xyz" cell_units="angstrom">positions{{angstrom}}</trajectory>
-    <trajectory filename="sigma" stride="1" extra_type="energy_uncertainty">extras</trajectory>
+    <trajectory filename="pos" stride="1" format="xyz" cell_units="angstrom">
+      positions{{angstrom}} </trajectory>
+    <trajectory filename="sigma" stride="1" extra_type="energy_uncertainty">
+      extras </trajectory>
     <trajectory filename="version" stride="1" extra_type="model_version">extras</trajectory>
   </output>
   <total_steps>{steps}</total_steps>
@@ -647,6 +713,11 @@ posterior.save(model_path)
 p = posterior.predict([Structure.from_atoms(read(template))])[0]
 with open(model_path + ".json", "w") as f:
     json.dump({"energy": p.energy, "energy_sigma": p.energy_sigma}, f)
+torch.set_default_dtype(torch.float32)
+del posterior, mace
+# Then exactly what `python -m rarefly.cli driver ARGS` does (one process saves a mace import).
+from rarefly.cli import main
+sys.exit(main(["driver", "--model", model_path, "--template", template] + sys.argv[3:]))
 """
 
 IPI_MOLECULE = """\
@@ -687,28 +758,23 @@ def test_rarefly_driver_command_with_a_model_file(tmp_path):
     atoms.pbc = False
     template = write_template(tmp_path, atoms)
     model = tmp_path / "model.rfly"
-    builder = subprocess.Popen([sys.executable, "-c", BUILD_MODEL, str(model), template],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    output, _ = builder.communicate(timeout=60)
-    assert builder.returncode == 0, output[-3000:]
     address = unique_name()
     (tmp_path / "input.xml").write_text(IPI_MOLECULE.format(address=address))
     with open(tmp_path / "ipi.log", "w") as log:
         ipi = subprocess.Popen([str(BIN / "i-pi"), "input.xml"], cwd=tmp_path, stdout=log,
                                stderr=subprocess.STDOUT)
-    driver = None
+    driver = subprocess.Popen([sys.executable, "-c", BUILD_MODEL, str(model), template, "-u",
+                               "-a", address, "--connect-timeout", "60"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        driver = subprocess.Popen(
-            [sys.executable, "-m", "rarefly.cli", "driver", "--model", str(model),
-             "--template", template, "-u", "-a", address, "--connect-timeout", "30"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        _, err = driver.communicate(timeout=60)
+        _, err = driver.communicate(timeout=90)
         assert ipi.wait(15) == 0, (tmp_path / "ipi.log").read_text()[-2000:]
     finally:
         stop(ipi)
-        if driver is not None:
-            stop(driver)
+        stop(driver)
     assert driver.returncode == 0, err
+    assert err.splitlines()[-1] == ("rarefly driver: the server sent EXIT after 6 force "
+                                    "requests; done")
     reference = json.loads((tmp_path / "model.rfly.json").read_text())
     out = np.loadtxt(tmp_path / "sim.out", ndmin=2)
     assert out.shape[0] == 6

@@ -6,7 +6,6 @@ import threading
 import numpy as np
 import pytest
 from ase import units
-
 from rarefly import protocol
 from rarefly.protocol import (
     Channel,

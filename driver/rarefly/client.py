@@ -7,11 +7,12 @@ the server sends EXIT. Wire framing and atomic units live in :mod:`rarefly.proto
 everything here is eV and Angstrom.
 
 Periodicity. i-PI always sends a cell, also for a molecule, so the cell cannot tell
-whether a system is periodic. The ``pbc`` argument (in ``rarefly driver``: the periodicity
-of the ``--template`` structure) decides: periodic structures are built with the cell i-PI
-sends (rows = lattice vectors) and get the virial ``-stress * volume``; non-periodic ones
-are built without a cell and get a zero virial. For molecules, also set ``pbc="false"`` on
-i-PI's ``<ffsocket>`` so that i-PI does not wrap the atoms into its box.
+whether a system is periodic. The ``pbc`` argument decides (in ``rarefly driver``: the
+periodicity of the ``--template`` structure, or ``--pbc yes/no``). Periodic structures are
+built with the cell i-PI sends (rows = lattice vectors) and get the virial
+``-stress * volume``; non-periodic ones are built without a cell and get a zero virial.
+For molecules, also set ``pbc="false"`` on i-PI's ``<ffsocket>`` so that i-PI does not
+wrap the atoms into its box.
 
 Extras. Every force reply carries one JSON object, which i-PI parses; any key can be
 written out with ``<trajectory filename="..." extra_type="KEY"> extras </trajectory>``:
@@ -70,9 +71,10 @@ import math
 import os
 import socket
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import product
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -148,8 +150,7 @@ class Endpoint:
             remaining = deadline - time.monotonic()
             try:
                 sock = self._try_connect(max(remaining, 0.05))
-            except (FileNotFoundError, ConnectionRefusedError, socket.timeout, TimeoutError,
-                    ConnectionResetError):
+            except (FileNotFoundError, ConnectionRefusedError, TimeoutError, ConnectionResetError):
                 pass
             except socket.gaierror:
                 raise DriverError(f"cannot resolve the host name {self.address!r} given with "
@@ -203,6 +204,9 @@ def virial_from_stress(stress: np.ndarray, cell: np.ndarray) -> np.ndarray:
     return -np.asarray(stress, dtype=float).reshape(3, 3) * abs(np.linalg.det(cell))
 
 
+_SHIFTS = np.array([s for s in product((-1, 0, 1), repeat=3) if any(s)])
+
+
 def close_pairs(positions: np.ndarray, cell: np.ndarray | None,
                 pbc: Sequence[bool], cutoff: float) -> list[tuple[int, int, float]]:
     """Pairs of atoms closer than ``cutoff`` (Angstrom), minimum image along periodic axes.
@@ -221,24 +225,21 @@ def close_pairs(positions: np.ndarray, cell: np.ndarray | None,
         frac = positions @ np.linalg.inv(cell)
         frac[:, periodic] %= 1.0
         wrapped = frac @ cell
-        volume = abs(np.linalg.det(cell))
-        widths = np.array([volume / np.linalg.norm(np.cross(cell[(k + 1) % 3], cell[(k + 2) % 3]))
-                           for k in range(3)])
-        delta = cutoff / widths
+        # Perpendicular widths of the cell: an atom within `cutoff` of a periodic face gets
+        # images across it (and across edges/corners where it is near several faces).
+        normals = np.cross(cell[[1, 2, 0]], cell[[2, 0, 1]])
+        delta = cutoff * np.linalg.norm(normals, axis=1) / abs(np.linalg.det(cell))
+        low, high = frac < delta, frac > 1.0 - delta
+        near = np.flatnonzero(((low | high) & periodic).any(axis=1))
         pts, own = [wrapped], [owner]
-        for shift in product((-1, 0, 1), repeat=3):
-            s = np.array(shift)
-            if not s.any() or (s[~periodic] != 0).any():
-                continue
-            mask = np.ones(n, bool)
-            for k in range(3):
-                if s[k] == 1:
-                    mask &= frac[:, k] < delta[k]
-                elif s[k] == -1:
-                    mask &= frac[:, k] > 1.0 - delta[k]
-            if mask.any():
-                pts.append(wrapped[mask] + s @ cell)
-                own.append(owner[mask])
+        if near.size:
+            sh = _SHIFTS[None]  # (1, 26, 3)
+            ok = np.where(sh == 1, low[near, None, :],
+                          np.where(sh == -1, high[near, None, :], True))
+            ok &= periodic | (sh == 0)
+            atom, image = np.nonzero(ok.all(axis=2))
+            pts.append(wrapped[near[atom]] + _SHIFTS[image] @ cell)
+            own.append(near[atom])
         points, owner = np.concatenate(pts), np.concatenate(own)
     pairs = cKDTree(points).query_pairs(cutoff, output_type="ndarray")
     found: dict[tuple[int, int], float] = {}
@@ -408,9 +409,10 @@ class _Server:
         bad = np.flatnonzero(~np.isfinite(frame.positions).all(axis=1))
         if len(bad):
             raise DriverError(
-                f"i-PI sent non-finite positions (NaN or inf) for atom{'s' if len(bad) > 1 else ''} "
-                f"{_list(bad)} in force request {request}; the dynamics has blown up, so "
-                "restart from an earlier checkpoint with a smaller time step", EXIT_STRUCTURE)
+                f"i-PI sent non-finite positions (NaN or inf) for "
+                f"atom{'s' if len(bad) > 1 else ''} {_list(bad)} in force request {request}; "
+                "the dynamics has blown up, so restart from an earlier checkpoint with a "
+                "smaller time step", EXIT_STRUCTURE)
         cell = None
         if self.periodic:
             cell = frame.cell

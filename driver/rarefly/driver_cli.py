@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 import traceback
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
+
+import numpy as np
 
 from rarefly.client import (
     DEFAULT_CONNECT_TIMEOUT,
@@ -29,7 +32,7 @@ from rarefly.units import ENERGY_UNITS, energy_to_ev
 #: ``loader(path, device=..., epsilon=...)`` -> predictor with ``.atomic_numbers``.
 Loader = Callable[..., object]
 
-EPILOG = f"""\
+EPILOG = """\
 example, i-PI and the driver on one machine (UNIX socket, the fastest):
 
   in i-PI's input.xml:
@@ -53,8 +56,9 @@ example, driver on another node (TCP):
 
 notes:
   i-PI does not send species: --template must hold the same atoms in the same order as
-  the file in i-PI's <initialize>. Its periodicity decides the virial: periodic templates
-  get -stress*volume, molecules a zero virial (then also set pbc="false" on <ffsocket>).
+  the file in i-PI's <initialize> (that file itself is a good template). Its periodicity
+  (or --pbc) decides the virial: periodic systems get -stress*volume, molecules a zero
+  virial (for molecules also set pbc="false" on <ffsocket>).
   <batch_size>N</batch_size> inside <ffsocket> lets i-PI send N structures (e.g. the
   beads) per request; the driver evaluates them in one model call.
   Each force reply carries JSON extras: energy_uncertainty (eV), forces_uncertainty
@@ -74,12 +78,16 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                        help="rarefly model file (.rfly) to serve")
     model.add_argument("--template", required=True, metavar="FILE",
                        help="any ASE-readable structure (first frame is used) with the "
-                            "species and atom order of i-PI's system; its periodicity "
-                            "decides whether a virial is returned")
+                            "species and atom order of i-PI's system, e.g. the file of its "
+                            "<initialize>; it also tells whether the system is periodic")
+    model.add_argument("--pbc", choices=("auto", "yes", "no"), default="auto",
+                       help="is the system periodic? auto: as the template says (a cell in "
+                            "extxyz/POSCAR/CIF, or a CELL line in an i-PI .xyz); periodic "
+                            "systems get a virial (default: %(default)s)")
     model.add_argument("--device", default="cpu", metavar="DEVICE",
                        help="torch device for the model: cpu, cuda or cuda:N "
                             "(default: %(default)s)")
-    model.add_argument("--epsilon", type=float, default=None, metavar="VALUE",
+    model.add_argument("--epsilon", type=_positive, default=None, metavar="VALUE",
                        help="energy tolerance of the reported confidence "
                             "P(|E error| < epsilon) (default: the model file's value)")
     model.add_argument("--epsilon-unit", default="eV", choices=list(ENERGY_UNITS),
@@ -119,6 +127,16 @@ def _port(text: str) -> int:
     return value
 
 
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -129,8 +147,14 @@ def _seconds(text: str) -> float:
     return value
 
 
-def read_template(path: str):
-    """The first structure of ``path`` as ASE Atoms; DriverError when it cannot be read."""
+def read_template(path: str, pbc: str = "auto"):
+    """The first structure of ``path`` as ASE Atoms, with its periodicity decided.
+
+    ``pbc="auto"``: periodic as ASE reads the file (extxyz ``Lattice=``, POSCAR, CIF ...);
+    an .xyz in i-PI's own format (``# CELL(abcABC): ...`` comment, which ASE ignores) is
+    periodic when that cell has a volume. ``"yes"``/``"no"`` override. DriverError when the
+    file cannot be used.
+    """
     from ase.io import read
 
     p = Path(path)
@@ -143,10 +167,42 @@ def read_template(path: str):
                           f"({_one_line(exc)})") from None
     if len(atoms) == 0:
         raise DriverError(f"the template file {path} holds no atoms")
-    if any(atoms.pbc) and atoms.cell.rank < 3:
-        raise DriverError(f"the template file {path} is periodic but its cell has zero "
-                          "volume; give it a full cell or make it non-periodic")
+    if pbc == "auto":
+        ipi_cell = _ipi_xyz_cell(p)
+        if ipi_cell is not None:
+            atoms.cell = ipi_cell
+            atoms.pbc = abs(np.linalg.det(ipi_cell)) > 1e-9
+        if any(atoms.pbc) and atoms.cell.rank < 3:
+            raise DriverError(f"the template file {path} is periodic but its cell has zero "
+                              "volume; give it a full cell, or use --pbc no")
+    else:
+        atoms.pbc = pbc == "yes"
     return atoms
+
+
+_IPI_CELL = re.compile(r"CELL[\(\[\{](abcABC|H|GENH)[\)\]\}]:\s*([-+0-9.Ee ]*)")
+
+
+def _ipi_xyz_cell(path: Path):
+    """The cell (rows, file units) in the comment of an i-PI-format xyz file, else None."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            f.readline()
+            match = _IPI_CELL.search(f.readline())
+    except OSError:
+        return None
+    if match is None:
+        return None
+    values = [float(x) for x in match.group(2).split()]
+    if match.group(1) == "abcABC" and len(values) >= 6:
+        from ase.geometry import cellpar_to_cell
+
+        if min(values[:3]) <= 0:
+            return np.zeros((3, 3))
+        return cellpar_to_cell(values[:6])
+    if len(values) >= 9:
+        return np.array(values[:9]).reshape(3, 3).T  # i-PI's h: lattice vectors as columns
+    return None
 
 
 def load_model(path: str, device: str, epsilon: float | None, loader: Loader | None = None):
@@ -204,7 +260,7 @@ def run(args: argparse.Namespace, *, loader: Loader | None = None) -> int:
     previous_level = logger.level
     logger.setLevel(logging.WARNING if args.quiet else logging.INFO)
     try:
-        template = read_template(args.template)
+        template = read_template(args.template, args.pbc)
         try:
             epsilon = (None if args.epsilon is None
                        else energy_to_ev(args.epsilon, args.epsilon_unit))

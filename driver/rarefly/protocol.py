@@ -36,8 +36,8 @@ unpickled: arrays are read with :func:`numpy.frombuffer` from exactly counted by
 from __future__ import annotations
 
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
