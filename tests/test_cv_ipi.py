@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -57,14 +58,18 @@ def write_frames(path: Path, symbols, frames) -> None:
 
 
 def ipi_xml(steps: int = STEPS, nbeads: int = 1, seed: int = 12345,
-            replay: str | None = None) -> str:
-    """i-PI input: xTB physics, PLUMED as the bias (or, with ``replay``, as the only force).
+            replay: str | None = None, socket: str | None = None) -> str:
+    """i-PI input: xTB physics (or a socket driver at the UNIX ``socket``), PLUMED as the
+    bias (or, with ``replay``, as the only force).
 
     The metad <smotion> is needed for every bias: without it i-PI never runs PLUMED's update
     phase, so PRINT writes nothing and METAD deposits nothing.
     """
     phys = ('<ffdirect name="phys"><pes>xtb</pes>'
             '<parameters>{template: init.xyz, method: GFN2-xTB}</parameters></ffdirect>')
+    if socket:
+        phys = (f'<ffsocket name="phys" mode="unix" pbc="false"><address>{socket}</address>'
+                '<latency>1e-4</latency></ffsocket>')
     plumed = ('<ffplumed name="plumed"><file mode="xyz">init.xyz</file>'
               '<plumed_dat>plumed.dat</plumed_dat></ffplumed>')
     if replay:
@@ -270,6 +275,28 @@ def read_frames(path: Path, quantity: str) -> np.ndarray:
         return np.array([a.positions for a in frames])
     return np.array([a.calc.results[quantity] if a.calc else a.arrays[quantity]
                      for a in frames])
+
+
+# ------------------------------------------------------------- the driver's own cache
+
+
+def test_driver_loop_answers_the_cv_from_its_cache(tmp_path, double_service):
+    """rarefly.client.serve with the service's hooks: PLUMED's requests are all cache hits."""
+    from rarefly.client import serve
+
+    socket = f"rarefly-cv-test-{os.getpid()}"
+    ref = prepare(tmp_path, "metad.dat", socket=socket)
+    summary = {}
+    driver = threading.Thread(target=lambda: summary.update(done=serve(
+        double_service.guarded(), ref.numbers, address=socket, unix=True, connect_timeout=30,
+        on_prediction=double_service.remember)), daemon=True)
+    driver.start()
+    run_ipi(tmp_path, double_service.endpoint)
+    driver.join(10)
+    stats = double_service.stats
+    assert "done" in summary and summary["done"].structures == STEPS + 1
+    assert len(colvar(tmp_path / "COLVAR")["sigma"]) == STEPS
+    assert stats["evaluations"] == 0 and stats["hits"] == stats["requests"] == STEPS + 1
 
 
 # ------------------------------------------------------------------- path integrals

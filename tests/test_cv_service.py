@@ -219,6 +219,28 @@ def test_miss_waits_for_the_force_loop_and_reuses_its_result():
         assert reply.cached and model.calls == 1
 
 
+def test_guarded_predictor_shares_the_lock_and_follows_a_hot_swap(service):
+    guarded = service.guarded()
+    assert guarded.model_version == 7 and guarded.s0 == 0.01  # the wrapped model's attributes
+    ref = service._template
+    with service.model_lock:
+        t = threading.Thread(target=guarded.predict, args=([ref],))
+        t.start()
+        t.join(0.2)
+        assert t.is_alive()  # the force loop waits while the CV evaluates, and vice versa
+    t.join(5)
+    service.remember(ref, guarded.predict([ref])[0])
+    assert len(service.cache) == 1
+
+    class Newer(AnalyticSigma):
+        model_version = 8
+
+    service.set_predictor(Newer(ref, s0=0.02))
+    assert len(service.cache) == 0 and guarded.model_version == 8
+    reply = cs.decode_reply(ask(service.endpoint, cs.encode_request(ref.positions)), 9)
+    assert reply.model_version == 8 and reply.sigma == pytest.approx(0.02) and not reply.cached
+
+
 def test_no_template_and_no_structure_is_a_clear_error():
     ref = ethanol()
     with cs.CVService(AnalyticSigma(ref), unique_endpoint(), first_structure_wait_s=0.2) as svc:

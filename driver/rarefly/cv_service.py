@@ -11,7 +11,15 @@ hands its result to :meth:`CVService.remember` (the client's ``on_prediction`` h
 *before* the forces go back to i-PI: i-PI asks PLUMED right after it has the forces). A
 request whose positions match a remembered structure is answered from that cache; a new one
 (a path-integral centroid) is evaluated once, under the lock the force loop also holds, and
-cached too. Positions match when every coordinate agrees within ``1e-8 A + 1e-8 |x|``: PLUMED
+cached too. In the driver::
+
+    service = CVService(predictor, default_endpoint(name), template=template).start()
+    serve(service.guarded(), ..., on_prediction=service.remember)   # rarefly.client.serve
+    ...                                    # a hot-swapped model: service.set_predictor(new)
+    service.stop()
+
+``guarded()`` is the predictor behind ``service.model_lock``, so the force loop and the CV
+never run the model at the same time. Positions match when every coordinate agrees within ``1e-8 A + 1e-8 |x|``: PLUMED
 converts i-PI's Bohr with its own constant (0.52917721), which differs from
 ``ase.units.Bohr`` by 1.1e-9, and periodic positions match modulo lattice vectors (i-PI may
 wrap what it sends to the driver, never what it gives PLUMED).
@@ -284,8 +292,32 @@ class PredictionCache:
         hits = np.flatnonzero(np.all(np.abs(delta) <= tol, axis=(1, 2)))
         return items[hits[0]][1] if hits.size else None
 
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
     def __len__(self) -> int:
         return len(self._items)
+
+
+class LockedPredictor:
+    """A service's current predictor, evaluated under a lock (see :meth:`CVService.guarded`)."""
+
+    def __init__(self, service: "CVService", lock: threading.Lock):
+        self._service, self._lock = service, lock
+
+    @property
+    def model_version(self) -> int:
+        return self._service.predictor.model_version
+
+    def predict(self, structures: Sequence[Structure]) -> list[Prediction]:
+        with self._lock:
+            return self._service.predictor.predict(structures)
+
+    def __getattr__(self, name):  # atomic_numbers, epsilon, ...: the wrapped predictor's
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._service.predictor, name)
 
 
 # ------------------------------------------------------------------------------- service
@@ -323,6 +355,16 @@ class CVService:
         self._bind_error: BaseException | None = None
 
     # -- the driver's side
+    def guarded(self) -> "LockedPredictor":
+        """The service's predictor behind ``model_lock``: give this to the force loop."""
+        return LockedPredictor(self, self.model_lock)
+
+    def set_predictor(self, predictor: Predictor) -> None:
+        """Serve a new model (hot swap); predictions of the old one are forgotten."""
+        with self.model_lock:
+            self.predictor = predictor
+            self.cache.clear()
+
     def remember(self, structure: Structure, prediction: Prediction) -> None:
         """Cache a prediction the driver has just made (the client's ``on_prediction`` hook)."""
         if self._template is None:
