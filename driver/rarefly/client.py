@@ -168,20 +168,21 @@ class Endpoint:
             time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
 
     def _try_connect(self, timeout: float) -> socket.socket:
-        if self.unix:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            target: Any = self.path
-        else:
-            info = socket.getaddrinfo(self.address, self.port, type=socket.SOCK_STREAM)
-            family, type_, proto, _, target = info[0]
-            sock = socket.socket(family, type_, proto)
-        try:
-            sock.settimeout(timeout)
-            sock.connect(target)
-            sock.settimeout(None)
-            if not self.unix:
+        if not self.unix:  # tries every address the name resolves to (IPv4 and IPv6)
+            sock = socket.create_connection((self.address, self.port), timeout=timeout)
+            try:
+                sock.settimeout(None)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            except BaseException:
+                sock.close()
+                raise
+            return sock
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(self.path)
+            sock.settimeout(None)
         except BaseException:
             sock.close()
             raise
@@ -303,12 +304,12 @@ class _Server:
             log.info("connected to i-PI at %s", self.endpoint)
             try:
                 self._serve_connection(Channel(sock))
-                log.info("the server sent EXIT after %d force requests; done",
-                         self.summary.force_requests)
+                log.info("the server sent EXIT after %s; done",
+                         _count(self.summary.force_requests))
                 return self.summary
             except ConnectionClosed as exc:
                 message = (f"the server at {self.endpoint} closed the connection without "
-                           f"sending EXIT, after {self.summary.force_requests} force requests")
+                           f"sending EXIT, after {_count(self.summary.force_requests)}")
                 log.debug("disconnect detail: %s", exc)
             except ProtocolError as exc:
                 raise DriverError(f"the server at {self.endpoint} sent a malformed message: "
@@ -448,6 +449,10 @@ def _same(a: Structure, b: Structure) -> bool:
     return (np.array_equal(a.positions, b.positions)
             and (a.cell is None) == (b.cell is None)
             and (a.cell is None or np.array_equal(a.cell, b.cell)))
+
+
+def _count(n: int) -> str:
+    return f"{n} force request{'' if n == 1 else 's'}"
 
 
 def _list(indices, limit: int = 5) -> str:
