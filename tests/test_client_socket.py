@@ -476,9 +476,18 @@ def test_command_line_errors(tmp_path, capsys):
     missing = subprocess.Popen([sys.executable, "-m", "rarefly.cli", "driver", "--model",
                                 str(tmp_path / "missing.rfly"), "--template", periodic],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        in_process_errors(tmp_path, capsys, periodic, chlorine, model)
+    finally:
+        _, stderr = missing.communicate(timeout=30)
+    assert (stderr, missing.returncode) == (
+        f"rarefly driver: the model file {tmp_path / 'missing.rfly'} does not exist\n", 1)
+
+
+def in_process_errors(tmp_path, capsys, periodic, chlorine, model):
     name = unique_name()
     assert run_command(["--model", str(model), "--template", periodic, "-u", "-a", name,
-                        "--connect-timeout", "0.5"], capsys) == (
+                        "--connect-timeout", "0.5", "-q"], capsys) == (
         f"rarefly driver: no i-PI server accepted a connection at UNIX socket /tmp/ipi_{name} "
         "within 0.5 s; start i-PI first and check that -u/-a match the <ffsocket> of its "
         "input\n", EXIT_CONNECT)
@@ -490,9 +499,6 @@ def test_command_line_errors(tmp_path, capsys):
     assert run_command(["--model", str(model), "--template", str(tmp_path / "nope.xyz")],
                        capsys) == (f"rarefly driver: the template file {tmp_path / 'nope.xyz'} "
                                    "does not exist\n", 1)
-    _, stderr = missing.communicate(timeout=30)
-    assert (stderr, missing.returncode) == (
-        f"rarefly driver: the model file {tmp_path / 'missing.rfly'} does not exist\n", 1)
 
 
 IPI_XYZ = """2
@@ -537,7 +543,10 @@ def test_epsilon_unit_and_device_reach_the_loader(tmp_path, capsys):
     assert driver_cli.run(args, loader=loader) == EXIT_CONNECT
     assert seen == {"path": template, "device": "cuda:1",
                     "epsilon": pytest.approx(1.5 * 0.0433641, rel=1e-5)}
-    assert capsys.readouterr().err.startswith("rarefly driver: no i-PI server accepted")
+    first, last = capsys.readouterr().err.splitlines()
+    assert first == (f"rarefly driver: model {template} (version 7) ready for 4 atoms, "
+                     "periodic; connecting to i-PI")
+    assert last.startswith("rarefly driver: no i-PI server accepted")
 
 
 # ------------------------------------------------------------------ (b) a real i-PI server

@@ -268,6 +268,9 @@ def run(args: argparse.Namespace, *, loader: Loader | None = None) -> int:
             raise DriverError(str(exc)) from None
         predictor = load_model(args.model, args.device, epsilon, loader)
         check_species(template.numbers, predictor, args.model, args.template)
+        logger.info("model %s (version %s) ready for %d atoms, %s; connecting to i-PI",
+                    args.model, getattr(predictor, "model_version", "?"), len(template),
+                    "periodic" if any(template.pbc) else "not periodic")
         serve(predictor, template.numbers, address=args.address, port=args.port,
               unix=args.unix, sockets_prefix=args.sockets_prefix,
               connect_timeout=args.connect_timeout, pbc=tuple(template.pbc),
