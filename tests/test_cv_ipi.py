@@ -123,9 +123,11 @@ def prepare(run_dir: Path, plumed_input: str, values: dict | None = None, **xml)
     return ref
 
 
-def run_ipi(run_dir: Path, endpoint: str, timeout: float = 50.0) -> subprocess.CompletedProcess:
-    proc = subprocess.run([str(IPI), "input.xml"], cwd=run_dir, env=ipi_env(endpoint),
-                          capture_output=True, text=True, timeout=timeout)
+def run_ipi(run_dir: Path, endpoint: str, timeout: float = 50.0,
+            cv_timeout: float = 30.0) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(IPI), "input.xml"], cwd=run_dir,
+                          env=ipi_env(endpoint, cv_timeout), capture_output=True, text=True,
+                          timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
@@ -202,22 +204,42 @@ def test_plumed_input_runs_in_ipi(tmp_path, double_service, name):
 
 
 def test_multiple_walkers_share_one_bias(tmp_path, double_service):
-    procs = []
-    for i in range(2):
+    """Walker 1 runs first; walker 0 then starts with walker 1's hills in its bias and adds
+    its own to the shared directory (sequential runs keep the check deterministic)."""
+    outs = []
+    for i in (1, 0):
         wdir = tmp_path / f"walker{i}"
         prepare(wdir, "metad_walkers.dat", {"WALKERS_N": 2, "WALKER_ID": i}, seed=100 + i,
-                steps=60)
-        procs.append(subprocess.Popen([str(IPI), "input.xml"], cwd=wdir,
-                                      env=ipi_env(double_service.endpoint),
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True))
-    outs = [p.communicate(timeout=55)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
-    for i in range(2):
-        assert len(data_lines(tmp_path / f"HILLS.{i}")) == 3  # PACE=20, 60 steps
-        assert len(colvar(tmp_path / f"walker{i}" / "COLVAR")["sigma"]) >= 60
-    # walker 0's bias at its last step includes walker 1's hills
-    assert "HILLS.1" in outs[0]
+                steps=40)
+        outs.append(run_ipi(wdir, double_service.endpoint).stdout)
+        assert len(data_lines(tmp_path / f"HILLS.{i}")) == 2  # PACE=20, 40 steps
+    other = np.loadtxt(data_lines(tmp_path / "HILLS.1"), ndmin=2)
+    own = np.loadtxt(data_lines(tmp_path / "HILLS.0"), ndmin=2)
+    cv = colvar(tmp_path / "walker0" / "COLVAR")
+    # at step 20 walker 0 deposits its first hill and reads HILLS.1 (WALKERS_RSTRIDE=20):
+    # from step 21 on, its bias is its own hill plus walker 1's first hill(s)
+    rows = (cv["time"] > 20) & (cv["time"] <= 40)
+    mine = own[own[:, 0] < 21]
+    alone = np.array([metad_bias(x, mine) for x in cv["sigma"][rows]])
+    assert np.abs(cv["metad.bias"][rows] - alone).max() > 1e-4  # walker 1's hills count
+    matches = [np.abs(cv["metad.bias"][rows] - [metad_bias(x, np.vstack([mine, other[:n]]))
+                                                 for x in cv["sigma"][rows]]).max() < 2e-6
+               for n in range(1, len(other) + 1)]
+    assert any(matches)
+
+
+def metad_bias(s: float, hills: np.ndarray, biasfactor: float = 10.0) -> float:
+    """Well-tempered METAD bias at s from HILLS rows (time, center, width, height, biasf).
+
+    PLUMED writes height * biasf / (biasf - 1) and uses "stretched" Gaussians that reach
+    zero at (s - center)^2 / (2 width^2) = 6.25.
+    """
+    center, width, height = hills[:, 1], hills[:, 2], hills[:, 3]
+    scale = (biasfactor - 1.0) / biasfactor
+    half_d2 = 0.5 * ((s - center) / width) ** 2
+    cut = np.exp(-6.25)
+    kernel = np.where(half_d2 < 6.25, (np.exp(-half_d2) - cut) / (1.0 - cut), 0.0)
+    return float(np.sum(scale * height * kernel))
 
 
 # --------------------------------------------------------------- the bias force is right
@@ -320,24 +342,26 @@ def test_path_integral_centroid_is_evaluated_once_per_step(tmp_path, double_serv
 
 def test_killing_the_service_stops_ipi_with_a_clear_message(tmp_path):
     endpoint = unique_endpoint()
+    prepare(tmp_path, "metad.dat", steps=100000)
     server = subprocess.Popen([sys.executable, str(Path(__file__).with_name("test_cv_service.py")),
                                endpoint], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    ipi = None
     try:
-        deadline = time.monotonic() + 20
+        # the service must be up before i-PI's first request times out (2 s): wait for it
+        deadline = time.monotonic() + 30
         while True:
             try:
                 cs.request(endpoint, cs.encode_op("ping"), timeout_s=0.5)
                 break
             except TimeoutError:
                 assert time.monotonic() < deadline and server.poll() is None
-        prepare(tmp_path, "metad.dat", steps=100000)
         ipi = subprocess.Popen([str(IPI), "input.xml"], cwd=tmp_path,
-                               env=ipi_env(endpoint, timeout_s=2.0), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+                               env=ipi_env(endpoint, timeout_s=2.0),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         colvar_file = tmp_path / "COLVAR"
-        while not (colvar_file.exists() and len(data_lines(colvar_file)) >= 10):
+        while not (colvar_file.exists() and len(data_lines(colvar_file)) >= 3):
             assert ipi.poll() is None and time.monotonic() < deadline + 30
-            time.sleep(0.1)
+            time.sleep(0.05)
         server.send_signal(signal.SIGKILL)
         killed = time.monotonic()
         out = ipi.communicate(timeout=30)[0]
@@ -345,6 +369,9 @@ def test_killing_the_service_stops_ipi_with_a_clear_message(tmp_path):
     finally:
         server.kill()
         server.wait()
+        if ipi is not None and ipi.poll() is None:
+            ipi.kill()
+            ipi.wait()
     assert ipi.returncode != 0
-    assert elapsed < 2.0 + 8.0, elapsed
+    assert elapsed < 2.0 + 8.0, elapsed  # the CV timeout, then i-PI's own exit
     assert f"no answer from the rarefly driver at {endpoint} within 2 s" in out

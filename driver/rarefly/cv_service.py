@@ -570,32 +570,38 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "<ffdirect>). Point PLUMED at it with RAREFLY_CV_ENDPOINT=<endpoint>.")
     parser.add_argument("--model", required=True, metavar="FILE", help="rarefly model file")
     parser.add_argument("--template", required=True, metavar="FILE",
-                        help="a structure file (any ASE format) with the system's species, atom "
-                             "order and periodicity: the same atoms, in the same order, as the "
-                             "i-PI input")
+                        help="a structure file with the species and atom order of i-PI's "
+                             "system, e.g. the file of its <initialize> (as for `rarefly "
+                             "driver`); it also tells whether the system is periodic")
+    parser.add_argument("--pbc", choices=("auto", "yes", "no"), default="auto",
+                        help="is the system periodic? auto: as the template says "
+                             "(default: %(default)s)")
     parser.add_argument("--endpoint", metavar="URL",
                         help="zmq endpoint to bind: ipc://PATH or tcp://127.0.0.1:PORT "
                              "(default: ipc:///tmp/rarefly-cv-NAME)")
     parser.add_argument("--name", default=DEFAULT_NAME,
-                        help="name in the default endpoint (default: %(default)s)")
+                        help="NAME in the default endpoint (default: %(default)s)")
     parser.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
     parser.add_argument("--cache-size", type=int, default=DEFAULT_CACHE_SIZE,
                         help="structures to remember (default: %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:
-    import ase.io
-
-    from rarefly.posterior import load_posterior
+    from rarefly.client import DriverError
+    from rarefly.driver_cli import check_species, load_model, read_template
 
     try:
-        template = Structure.from_atoms(ase.io.read(args.template))
-        predictor = load_posterior(args.model, device=args.device)
+        atoms = read_template(args.template, args.pbc)
+        predictor = load_model(args.model, args.device, None)
+        check_species(atoms.numbers, predictor, args.model, args.template)
         service = CVService(predictor, args.endpoint or default_endpoint(args.name),
-                            template=template, cache_size=args.cache_size)
-    except (OSError, ValueError) as err:
+                            template=Structure.from_atoms(atoms), cache_size=args.cache_size)
+    except DriverError as err:
+        print(f"rarefly cv-server: {err.message}", file=sys.stderr)
+        return 1
+    except ValueError as err:
         print(f"rarefly cv-server: {err}", file=sys.stderr)
-        return 2
+        return 1
     try:
         return serve(service)
     except OSError as err:
