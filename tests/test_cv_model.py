@@ -181,6 +181,7 @@ def test_real_model_box_derivatives_match_the_strain_derivative(tmp_path, poster
 
     from rarefly.units import KJ_MOL_TO_EV
 
+    monkeypatch.chdir(tmp_path)  # PLUMED writes its COLVAR here
     atoms = molecule("CH3CH2OH")
     atoms.cell = [6.0, 6.5, 7.0]
     atoms.pbc = True

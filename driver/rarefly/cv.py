@@ -34,6 +34,12 @@ Facts this module relies on (checked with i-PI 3.3.1 and the bundled PLUMED 2.11
   (pybind11 without the GIL), so ``init`` does nothing that can fail.
 * PyCV passes no arguments to ``init``: the endpoint and timeout come from the environment
   of the i-PI process (``RAREFLY_CV_ENDPOINT``, ``RAREFLY_CV_TIMEOUT``).
+* i-PI runs PLUMED's update phase (PRINT, METAD/OPES deposition) only from
+  ``<smotion mode="metad">``: every input needs it, static biases included.
+* PLUMED cannot find the PyCV plugin by itself (no search path, no variables in inputs), so
+  the inputs in ``plumed_inputs/`` carry a placeholder that :func:`render_plumed_input` fills.
+* PLUMED's Angstrom, from i-PI's Bohr, differ from ``ase.units`` by 1e-9 (relative); the
+  driver's cache matching allows for it (:mod:`rarefly.cv_service`).
 
 Units
 -----
