@@ -255,6 +255,7 @@ def test_endpoints():
         cs.default_endpoint("../etc")
     with pytest.raises(ValueError):
         cs.check_endpoint("udp://x:1")
+    assert cs.check_endpoint("tcp://[::1]:5555") and cs.is_loopback("tcp://[::1]:5555")
     ref = ethanol()
     with cs.CVService(AnalyticSigma(ref), "tcp://127.0.0.1:*", template=ref) as svc:
         assert svc.endpoint.startswith("tcp://127.0.0.1:") and not svc.endpoint.endswith("*")

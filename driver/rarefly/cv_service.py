@@ -102,8 +102,7 @@ def check_endpoint(endpoint: str) -> str:
         if not path or len(path.encode()) > 100:
             raise ValueError(f"ipc endpoint {endpoint!r} needs a path of 1-100 bytes")
         return endpoint
-    m = re.match(r"^tcp://([^:/]+):(\d+|\*)$", endpoint)
-    if m:
+    if re.match(r"^tcp://(\[[0-9A-Fa-f:.]+\]|[^:/\[\]]+):(\d+|\*)$", endpoint):
         return endpoint
     raise ValueError(f"endpoint {endpoint!r} is neither ipc://PATH nor tcp://HOST:PORT")
 
