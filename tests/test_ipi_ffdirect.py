@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from ase.io import read
 
-from rarefly.demo import PREFIX, IPIRun, ffdirect_xml, input_xml, read_extras, read_properties, write_init
+from rarefly.demo import PREFIX, IPIRun, ffdirect_xml, input_xml, read_extras, read_properties
 
 pytestmark = pytest.mark.slow
 
@@ -43,10 +42,9 @@ def test_pimd_through_ffdirect_batches_all_beads(tmp_path, model_file, ethanol_x
     log = tmp_path / "predict_calls.log"
     pes = tmp_path / "counting_pes.py"
     pes.write_text(COUNTING_PES.format(log=str(log)))
-    write_init(read(ethanol_xyz), tmp_path / "init.xyz")
     forcefield = ffdirect_xml(ethanol_xyz, model_file, batch_size=NBEADS, pes_path=pes)
     (tmp_path / "input.xml").write_text(
-        input_xml(forcefield, "init.xyz", STEPS, nbeads=NBEADS, timestep_fs=0.5))
+        input_xml(forcefield, ethanol_xyz, STEPS, nbeads=NBEADS, timestep_fs=0.5))
     with IPIRun(tmp_path) as sim:
         sim.wait(timeout=RUN_TIMEOUT)
 

@@ -19,7 +19,6 @@ from rarefly.demo import (
     read_extras,
     read_properties,
     unique_address,
-    write_init,
 )
 
 pytestmark = pytest.mark.slow
@@ -34,9 +33,8 @@ RUN_TIMEOUT = 300
 def _socket_run(workdir, model_file, ethanol_xyz, steps, ensemble, extras=True):
     """Write the input, run i-PI and the driver to the end; return the workdir."""
     address = unique_address("rarefly-test")
-    write_init(read(ethanol_xyz), workdir / "init.xyz")
     (workdir / "input.xml").write_text(
-        input_xml(ffsocket_xml(address, timeout=120), "init.xyz", steps, ensemble=ensemble,
+        input_xml(ffsocket_xml(address, timeout=120), ethanol_xyz, steps, ensemble=ensemble,
                   timestep_fs=TIMESTEP_FS, extras=extras))
     driver = ["--model", str(model_file), "--template", str(ethanol_xyz), "-u", "-a", address,
               "--connect-timeout", "60", "--exit-on-disconnect"]

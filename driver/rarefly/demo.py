@@ -40,7 +40,7 @@ PREFIX = "simulation"
 #: the extras trajectories written by :func:`input_xml` (file stem -> extras keys)
 EXTRAS_FILES = {"uncertainty": ("energy_uncertainty", "confidence"),
                 "forces_sigma": ("forces_uncertainty",)}
-#: a box for molecules: i-PI wants a cell, the forcefield ignores it (pbc="false")
+#: Angstrom; a box for molecules: i-PI wants a cell, the forcefield ignores it (pbc="false")
 MOLECULE_BOX = 20.0
 
 
@@ -84,14 +84,17 @@ def ffdirect_xml(template: str | os.PathLike, model: str | os.PathLike, batch_si
             f"  </ffdirect>")
 
 
-def input_xml(forcefield: str, init: str, steps: int, *, ensemble: str = "nvt",
+def input_xml(forcefield: str, init: str | os.PathLike, steps: int, *, ensemble: str = "nvt",
               nbeads: int = 1, timestep_fs: float = 0.5, temperature_K: float = 300.0,
               tau_fs: float = 20.0, seed: int = 31415, traj_stride: int = 10,
-              extras: bool = True) -> str:
+              extras: bool = True, box: float | None = MOLECULE_BOX) -> str:
     """A complete i-PI input for MD (``ensemble`` "nvt" or "nve") of the system in ``init``.
 
     forcefield: an ``<ffsocket>``/``<ffdirect>`` element named "rarefly".
-    init: an xyz file in i-PI's format (see :func:`write_init`), relative to i-PI's folder.
+    init: any ASE-readable structure file (i-PI reads it with ``mode="ase"``, Angstrom),
+        absolute or relative to i-PI's folder; the same file serves as the driver's template.
+    box: edge (Angstrom) of the cubic cell that i-PI needs for a molecule; None for a
+        periodic ``init`` that has its own cell.
     nbeads > 1 gives path-integral MD (PILE-L thermostat for NVT).
     Outputs (prefix :data:`PREFIX`): properties ``.out`` every step (step, time/fs,
     conserved/eV, temperature/K, kinetic/eV, potential/eV), positions every
@@ -111,6 +114,8 @@ def input_xml(forcefield: str, init: str, steps: int, *, ensemble: str = "nvt",
             f'\n    <trajectory filename="{stem}" stride="1" '
             f'extra_type="{",".join(keys)}"> extras </trajectory>'
             for stem, keys in EXTRAS_FILES.items())
+    cell = ("" if box is None else
+            f'\n      <cell mode="abc" units="angstrom"> [{box:g}, {box:g}, {box:g}] </cell>')
     return f"""<simulation verbosity="low" safe_stride="100">
   <output prefix="{PREFIX}">
     <properties filename="out" stride="1"> [ step, time{{femtosecond}}, conserved{{electronvolt}}, temperature{{kelvin}}, kinetic_md{{electronvolt}}, potential{{electronvolt}} ] </properties>
@@ -122,7 +127,7 @@ def input_xml(forcefield: str, init: str, steps: int, *, ensemble: str = "nvt",
   {forcefield}
   <system>
     <initialize nbeads="{int(nbeads)}">
-      <file mode="xyz" units="angstrom">{escape(str(init))}</file>
+      <file mode="ase">{escape(str(init))}</file>{cell}
       <velocities mode="thermal" units="kelvin">{temperature_K:g}</velocities>
     </initialize>
     <forces><force forcefield="rarefly"/></forces>
@@ -136,18 +141,6 @@ def input_xml(forcefield: str, init: str, steps: int, *, ensemble: str = "nvt",
   </system>
 </simulation>
 """
-
-
-def write_init(atoms, path: str | os.PathLike, box: float = MOLECULE_BOX) -> Path:
-    """Write ``atoms`` as an xyz file that i-PI reads (cell in the comment line, Angstrom)."""
-    path = Path(path)
-    lines = [str(len(atoms)),
-             f"# CELL(abcABC): {box:.5f} {box:.5f} {box:.5f} 90.00000 90.00000 90.00000 "
-             "positions{angstrom} cell{angstrom}"]
-    for s, (x, y, z) in zip(atoms.get_chemical_symbols(), atoms.positions):
-        lines.append(f"{s:2s} {x:16.10f} {y:16.10f} {z:16.10f}")
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 # ------------------------------------------------------------------------ i-PI output
@@ -478,15 +471,17 @@ def _run(args: argparse.Namespace) -> int:
         print(f"rarefly demo: model ready in {time.monotonic() - t0:.0f} s")
 
     atoms = read(structure, index=0)
-    init = write_init(atoms, out / "init.xyz")  # i-PI's start and the driver's template
+    if any(atoms.pbc):
+        raise DemoError(f"the demo simulates a molecule, but {structure} is periodic")
+    init = out / structure.name  # i-PI's start and the driver's template
+    if init.resolve() != structure.resolve():
+        shutil.copyfile(structure, init)
     for pattern in (f"{PREFIX}.*", "RESTART", "#*#"):  # earlier runs, and i-PI's backups
         for old in out.glob(pattern):
             old.unlink()
     address = unique_address("rarefly-demo")
-    (out / "input.xml").write_text(input_xml(ffsocket_xml(address), "init.xyz", args.steps))
-    # the molecule sits in a box only because i-PI wants a cell: not periodic
-    driver_args = ["--model", str(model), "--template", str(init), "--pbc", "no", "-q",
-                   "-u", "-a", address]
+    (out / "input.xml").write_text(input_xml(ffsocket_xml(address), init.name, args.steps))
+    driver_args = ["--model", str(model), "--template", str(init), "-q", "-u", "-a", address]
 
     print(f"rarefly demo: i-PI NVT MD of {atoms.get_chemical_formula()}, {args.steps} steps "
           f"of 0.5 fs at 300 K, forces from `rarefly driver` on /tmp/ipi_{address}")
