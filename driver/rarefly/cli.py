@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "info": ("rarefly.info_cli", "show what a rarefly model file holds"),
     "demo": ("rarefly.demo", "run the shipped demo: i-PI MD on the embedded model"),
     "cv-server": ("rarefly.cv_service", "serve the uncertainty CV to PLUMED (normally started by `driver`)"),
+    "trainer": ("rarefly.trainer_cli", "label flagged frames and publish refined models (sidecar)"),
 }
 
 EPILOG = """\

@@ -137,26 +137,52 @@ class LastLayerPosterior(Posterior):
 
     def fit(self, frames: Sequence[LabelledFrame], progress: bool = False, noise_iterations: int = 2,
             prior_mean: torch.Tensor | None = None) -> dict:
-        """Posterior from the prior around the foundation readout and ``frames``."""
+        """Posterior from the prior around the foundation readout and ``frames``; the noise
+        levels are re-estimated from the residuals (see the module docstring)."""
         theta0 = self.backbone.readout_weights() if prior_mean is None else prior_mean
-        GE, hE, GF, hF, yy, counts = self.design(frames, progress=progress)
+        blocks = self.design(frames, progress=progress)
         s = self.settings
         floor_e, floor_f = s.energy_noise, s.force_noise
         se, sf = floor_e, floor_f
-        D = theta0.numel()
-        eye = torch.eye(D, dtype=GE.dtype, device=GE.device)
+        prior_prec = torch.eye(theta0.numel(), dtype=theta0.dtype) / s.prior_sigma ** 2
         for _ in range(noise_iterations + 1):
-            prec = eye / s.prior_sigma ** 2 + GE / se ** 2 + GF / sf ** 2
-            rhs = theta0 / s.prior_sigma ** 2 + hE / se ** 2 + hF / sf ** 2
-            cov = torch.linalg.inv(prec)
-            mu = cov @ rhs
-            rms_e = float(((mu @ GE @ mu - 2 * mu @ hE + yy[0]) / max(counts[0], 1)).clamp_min(0).sqrt())
-            rms_f = float(((mu @ GF @ mu - 2 * mu @ hF + yy[1]) / max(counts[1], 1)).clamp_min(0).sqrt())
+            mu, cov, (rms_e, rms_f) = self._solve(blocks, theta0, prior_prec, se, sf)
             se, sf = max(rms_e, floor_e), max(rms_f, floor_f)
         s.energy_noise, s.force_noise = se, sf
         self.set_posterior(mu, cov)
         return {"energy_rmse": rms_e, "force_rmse": rms_f, "energy_noise": se, "force_noise": sf,
-                "n_frames": counts[0]}
+                "n_frames": blocks[5][0]}
+
+    def condition(self, blocks, prior_mean: torch.Tensor, prior_cov: torch.Tensor) -> dict:
+        """Exact sequential update: the posterior given ``prior`` (an earlier posterior) and the
+        design ``blocks`` (summed :meth:`design` outputs of new frames), noise levels fixed."""
+        prior_prec = torch.linalg.inv(prior_cov)
+        mu, cov, (rms_e, rms_f) = self._solve(blocks, prior_mean, prior_prec,
+                                              self.settings.energy_noise, self.settings.force_noise,
+                                              prior_prec_mean=prior_prec @ prior_mean)
+        self.set_posterior(mu, cov)
+        return {"energy_rmse": rms_e, "force_rmse": rms_f, "n_frames": blocks[5][0],
+                "gradient_steps": 0}
+
+    @staticmethod
+    def _solve(blocks, prior_mean, prior_prec, se, sf, prior_prec_mean=None):
+        GE, hE, GF, hF, yy, counts = blocks
+        prec = prior_prec + GE / se ** 2 + GF / sf ** 2
+        pm = prior_prec @ prior_mean if prior_prec_mean is None else prior_prec_mean
+        rhs = pm + hE / se ** 2 + hF / sf ** 2
+        cov = torch.linalg.inv(prec)
+        mu = cov @ rhs
+        rms_e = float(((mu @ GE @ mu - 2 * mu @ hE + yy[0]) / max(counts[0], 1)).clamp_min(0).sqrt())
+        rms_f = float(((mu @ GF @ mu - 2 * mu @ hF + yy[1]) / max(counts[1], 1)).clamp_min(0).sqrt())
+        return mu, cov, (rms_e, rms_f)
+
+    @staticmethod
+    def add_blocks(a, b):
+        """Sum of two :meth:`design` results (``a`` may be None)."""
+        if a is None:
+            return b
+        return (a[0] + b[0], a[1] + b[1], a[2] + b[2], a[3] + b[3],
+                [a[4][0] + b[4][0], a[4][1] + b[4][1]], [a[5][0] + b[5][0], a[5][1] + b[5][1]])
 
     # ------------------------------------------------------------------ model file
     def payload(self) -> dict:

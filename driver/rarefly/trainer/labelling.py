@@ -1,0 +1,97 @@
+"""Running reference calculations: Parsl executors (local processes, threads, or a cluster).
+
+The work is the pure function :func:`rarefly.trainer.reference.label` (arrays in, arrays out),
+wrapped as a Parsl ``python_app``, the way psiflow and aims-PAX run theirs. Executors:
+
+- ``local`` (default): Parsl's HighThroughputExecutor with a LocalProvider: worker processes
+  on this machine; every socket it opens is bound to 127.0.0.1.
+- ``threads``: Parsl's ThreadPoolExecutor (light references such as EMT or xTB).
+- ``slurm``: HighThroughputExecutor with a SlurmProvider; options go to the provider
+  (``partition``, ``account``, ``walltime``, ``nodes_per_block``, ``worker_init`` ...) and
+  ``address`` must name the login node's address the workers can reach (asked explicitly:
+  nothing listens beyond localhost unless configured).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from rarefly.trainer.reference import ReferenceSpec, label
+
+log = logging.getLogger("rarefly.labelling")
+
+
+class LabellingError(RuntimeError):
+    pass
+
+
+@dataclass
+class ExecutorSpec:
+    kind: str = "local"          # local | threads | slurm
+    workers: int = 1
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def _label_task(spec_dict, numbers, positions, cell, pbc):
+    # module-level so that Parsl ships it by reference; imports happen in the worker
+    from rarefly.trainer.reference import ReferenceSpec, label
+
+    return label(ReferenceSpec(**spec_dict), numbers, positions, cell, pbc)
+
+
+class Labeller:
+    """Submit labelling tasks; ``submit`` returns a future with ``(energy, forces)``."""
+
+    def __init__(self, reference: ReferenceSpec, executor: ExecutorSpec, run_dir: str):
+        import parsl
+        from parsl.config import Config
+
+        self.reference = reference
+        self.spec = executor
+        ex = self._executor(executor)
+        self._dfk = parsl.load(Config(executors=[ex], run_dir=str(run_dir), strategy="none"
+                                      if executor.kind != "slurm" else "simple",
+                                      initialize_logging=False))
+        self._app = parsl.python_app(executors=[ex.label])(_label_task)
+
+    @staticmethod
+    def _executor(spec: ExecutorSpec):
+        from parsl.executors import HighThroughputExecutor, ThreadPoolExecutor
+
+        if spec.kind == "threads":
+            return ThreadPoolExecutor(label="rarefly_labels", max_threads=spec.workers)
+        if spec.kind == "local":
+            from parsl.providers import LocalProvider
+
+            return HighThroughputExecutor(
+                label="rarefly_labels", address="127.0.0.1", loopback_address="127.0.0.1",
+                max_workers_per_node=spec.workers, cores_per_worker=1,
+                provider=LocalProvider(init_blocks=1, min_blocks=1, max_blocks=1,
+                                       worker_init=spec.options.get("worker_init", "")))
+        if spec.kind == "slurm":
+            from parsl.providers import SlurmProvider
+
+            opts = dict(spec.options)
+            address = opts.pop("address", None)
+            if not address:
+                raise LabellingError("the slurm executor needs [labelling.options] address = the "
+                                     "address of this machine that compute nodes can reach")
+            return HighThroughputExecutor(label="rarefly_labels", address=address,
+                                          max_workers_per_node=spec.workers,
+                                          provider=SlurmProvider(**opts))
+        raise LabellingError(f"unknown labelling executor {spec.kind!r}; use local, threads or slurm")
+
+    def submit(self, structure):
+        s = structure
+        return self._app(self.reference.__dict__, s.numbers.tolist(), s.positions.tolist(),
+                         None if s.cell is None else s.cell.tolist(), tuple(s.pbc))
+
+    def close(self) -> None:
+        import parsl
+
+        try:
+            self._dfk.cleanup()
+        finally:
+            parsl.clear()

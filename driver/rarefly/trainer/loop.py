@@ -1,0 +1,270 @@
+"""The trainer's main loop: receive, store, select, label, update, publish.
+
+One process owns the data set (:class:`FrameStore`) and the posterior; drivers only read the
+published model file. Each labelled frame is first compared with the prediction of the model
+*before* it learns from it (its residual updates the Student-t calibration and is logged:
+this is how coverage is measured honestly, on audit frames too); then, every
+``update_every`` labels, the posterior is updated and a new version published atomically.
+
+Events go to ``trainer.jsonl`` (one JSON object per line: ``label``, ``publish``, ``holdout``,
+``start``, ``stop``) for progress displays and the report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from rarefly.posterior import load_posterior
+from rarefly.posterior.base import LabelledFrame, update_calibration
+from rarefly.trainer.labelling import ExecutorSpec, Labeller
+from rarefly.trainer.messages import MessageError, decode
+from rarefly.trainer.reference import ReferenceSpec
+from rarefly.trainer.selection import Deduplicator, SelectionPolicy, rank
+from rarefly.trainer.store import FrameStore
+
+log = logging.getLogger("rarefly.trainer")
+
+
+@dataclass
+class TrainerConfig:
+    model: str                                   # model file: read at start, published to
+    database: str                                # ASE db (SQLite)
+    endpoint: str                                # zmq PULL endpoint the drivers push to
+    reference: ReferenceSpec = field(default_factory=ReferenceSpec)
+    executor: ExecutorSpec = field(default_factory=ExecutorSpec)
+    selection: SelectionPolicy = field(default_factory=SelectionPolicy)
+    update_every: int = 1                        # labels per posterior update
+    max_labels: int | None = None                # budget of reference calls
+    align_energies: bool = True                  # offset at the first label (METHOD.md §1)
+    holdout: str | None = None                   # extxyz of held-out reference frames
+    sghmc_cycles: int = 1
+    events: str | None = None                    # trainer.jsonl path (default: beside the db)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainerConfig):
+        import zmq
+
+        self.cfg = cfg
+        self.store = FrameStore(cfg.database)
+        recovered = self.store.recover()
+        self.posterior = load_posterior(cfg.model)
+        self.events_path = Path(cfg.events or Path(cfg.database).with_suffix(".jsonl"))
+        self.dedup = Deduplicator(cfg.selection.dedup_tol)
+        for f in self.store.labelled_frames():
+            self.dedup.add(f.structure)
+        self._start_mean = getattr(self.posterior, "mean", None)
+        self._start_cov = getattr(self.posterior, "cov", None)
+        self._blocks = None
+        self._pending_cal: list[LabelledFrame] = []
+        self._new_since_update = 0
+        self._in_flight: dict[int, object] = {}
+        self._holdout = self._read_holdout(cfg.holdout)
+        self.ctx = zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.PULL)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind(cfg.endpoint)
+        run_dir = Path(cfg.database).parent / "parsl"
+        self.labeller = Labeller(cfg.reference, cfg.executor, str(run_dir))
+        self._stop = False
+        self._new_frames: list[LabelledFrame] = []
+        # resuming: labels stored but not yet in a published model are learned now
+        for f in self.store.labelled_frames():
+            row = self.store.db.get(id=f.info["row"])
+            if row.get("used_in_version") is None:
+                self._align_if_needed(f.structure, f.energy)
+                self._pending_cal.append(f)
+                self._new_frames.append(f)
+                self._new_since_update += 1
+        done = self.store.count(state="labelled")
+        self._event("start", recovered=recovered, labelled=done, model_version=self.posterior.model_version,
+                    queued=self.store.count(state="queued"))
+
+    # ------------------------------------------------------------------ helpers
+    def _event(self, kind: str, **data) -> None:
+        data = {"event": kind, "t": time.time(), **data}
+        with open(self.events_path, "a") as fh:
+            fh.write(json.dumps(data, default=float) + "\n")
+        log.info("%s %s", kind, {k: v for k, v in data.items() if k not in ("event", "t")})
+
+    @staticmethod
+    def _read_holdout(path):
+        if not path:
+            return []
+        from rarefly.data_io import read_frames
+
+        return read_frames(path)
+
+    def labels_done(self) -> int:
+        return self.store.count(state="labelled")
+
+    # ------------------------------------------------------------------ steps
+    def receive(self, timeout_ms: int = 200) -> int:
+        import zmq
+
+        n = 0
+        if not self.sock.poll(timeout_ms):
+            return 0
+        while True:
+            try:
+                frames = self.sock.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return n
+            try:
+                msg = decode(frames)
+            except MessageError as exc:
+                log.warning("dropped a malformed frame message: %s", exc)
+                continue
+            h = msg.header
+            meta = {k: h.get(k) for k in ("step", "walker", "model_version", "sigma_E", "sigma_E_raw",
+                                          "confidence", "pred_energy")}
+            origin = "flagged" if msg.origin == "labelled" else msg.origin
+            row = self.store.add(msg.structure, frame_id=msg.frame_id, origin=origin, **meta)
+            if row is not None and msg.origin == "labelled" and msg.ref_forces is not None:
+                self._record_label(row, msg.structure, float(h["ref_energy"]), msg.ref_forces,
+                                   h.get("reference", "driver"))
+            n += row is not None
+
+    def select_and_submit(self) -> None:
+        budget = self.cfg.max_labels
+        free = self.cfg.selection.max_in_flight - len(self._in_flight)
+        if free <= 0:
+            return
+        for row in rank(self.store.rows(state="queued")):
+            if free <= 0:
+                break
+            if budget is not None and self.labels_done() + len(self._in_flight) >= budget:
+                return
+            s = self.store.structure(row)
+            if row.get("origin") != "audit" and self.dedup.is_duplicate(s):
+                self.store.set_state(row.id, "skipped", reason="near-duplicate")
+                continue
+            self.dedup.add(s)
+            self.store.set_state(row.id, "labelling")
+            self._in_flight[row.id] = (self.labeller.submit(s), s)
+            free -= 1
+
+    def collect(self) -> None:
+        for row_id, (fut, s) in list(self._in_flight.items()):
+            if not fut.done():
+                continue
+            del self._in_flight[row_id]
+            try:
+                energy, forces = fut.result()
+            except Exception as exc:  # noqa: BLE001
+                self.store.set_state(row_id, "failed", reason=str(exc)[:200])
+                self._event("label_failed", row=row_id, error=str(exc)[:200])
+                continue
+            self._record_label(row_id, s, energy, np.asarray(forces), self.cfg.reference.describe())
+
+    def _record_label(self, row_id: int, s, energy: float, forces, reference: str) -> None:
+        post = self.posterior
+        self._align_if_needed(s, energy)
+        offset = post.offset_energy(s.numbers, 0.0)
+        self.store.add_label(row_id, energy, forces, reference, energy_offset=offset)
+        frame = LabelledFrame(s, energy, np.asarray(forces))
+        # pre-update prediction: residual for calibration and for the log
+        pred = post.predict([s])[0]
+        ref = energy + offset
+        err = pred.energy - ref
+        row = self.store.db.get(id=row_id)
+        self._event("label", row=row_id, origin=row.origin, model_version=post.model_version,
+                    pred_energy=pred.energy, ref_energy=ref, error=err,
+                    sigma=pred.energy_sigma, sigma_raw=pred.extra.get("energy_sigma_raw"),
+                    confidence=pred.confidence, within_eps=bool(abs(err) < post.settings.epsilon),
+                    force_rmse=float(np.sqrt(np.mean((pred.forces - forces) ** 2))))
+        self._pending_cal.append(frame)
+        self._new_frames.append(frame)
+        self._new_since_update += 1
+
+    def _align_if_needed(self, s, energy: float) -> None:
+        """METHOD.md §1: at the first reference call, offset = E_pred - E_ref, spread evenly
+        over the atoms of that structure (per element), added to all later reference energies."""
+        post = self.posterior
+        if not self.cfg.align_energies or post.provenance.get("aligned"):
+            return
+        pred = post.predict([s])[0]
+        delta = (pred.energy - post.offset_energy(s.numbers, energy)) / len(s.numbers)
+        for z in set(int(z) for z in s.numbers):
+            post.energy_offset[z] = post.energy_offset.get(z, 0.0) + delta
+        post.provenance["aligned"] = True
+        self._event("aligned", offset_per_atom=delta)
+
+    def maybe_update(self) -> bool:
+        if self._new_since_update == 0:
+            return False
+        if self._new_since_update < self.cfg.update_every and self._in_flight:
+            return False
+        post = self.posterior
+        t0 = time.time()
+        update_calibration(post, self._pending_cal)       # residuals of the pre-update model
+        self._pending_cal = []
+        new, self._new_frames = self._new_frames, []
+        if post.kind == "lastlayer":
+            self._blocks = post.add_blocks(self._blocks, post.design(new))
+            stats = post.condition(self._blocks, self._start_mean, self._start_cov)
+        else:
+            frames = self.store.labelled_frames()
+            stats = post.sample(frames, newest=len(new), cycles=self.cfg.sghmc_cycles)
+        post.model_version += 1
+        post.provenance["trainer_labels"] = self.labels_done()
+        post.save(self.cfg.model)
+        for r in self.store.rows(state="labelled"):
+            if r.get("used_in_version") is None:
+                self.store.db.update(r.id, used_in_version=post.model_version)
+        self._new_since_update = 0
+        hold = self.holdout_errors()
+        self._event("publish", model_version=post.model_version, labels=self.labels_done(),
+                    seconds=time.time() - t0, gradient_steps=stats.get("gradient_steps", 0),
+                    calibration=post.calibration.to_dict(), **hold)
+        return True
+
+    def holdout_errors(self) -> dict:
+        if not self._holdout:
+            return {}
+        from rarefly.posterior.base import predict_in_chunks
+
+        preds = predict_in_chunks(self.posterior, [f.structure for f in self._holdout])
+        de = [p.energy - self.posterior.offset_energy(f.structure.numbers, f.energy)
+              for p, f in zip(preds, self._holdout)]
+        df = np.concatenate([(p.forces - f.forces).ravel() for p, f in zip(preds, self._holdout)])
+        return {"holdout_energy_rmse": float(np.sqrt(np.mean(np.square(de)))),
+                "holdout_force_rmse": float(np.sqrt(np.mean(df ** 2)))}
+
+    # ------------------------------------------------------------------ main loop
+    def run(self, max_seconds: float | None = None) -> int:
+        t_end = None if max_seconds is None else time.time() + max_seconds
+        self._event("holdout", model_version=self.posterior.model_version, **self.holdout_errors())
+
+        def _stop(signum, frame):  # noqa: ARG001
+            self._stop = True
+
+        old = signal.signal(signal.SIGTERM, _stop)
+        try:
+            while not self._stop and (t_end is None or time.time() < t_end):
+                self.receive()
+                self.select_and_submit()
+                self.collect()
+                self.maybe_update()
+                if self.cfg.max_labels is not None and self.labels_done() >= self.cfg.max_labels \
+                        and not self._in_flight and self._new_since_update == 0:
+                    self._event("budget", labels=self.labels_done())
+                    break
+        finally:
+            signal.signal(signal.SIGTERM, old)
+            self.close()
+        return 0
+
+    def close(self) -> None:
+        self._event("stop", labels=self.labels_done(), model_version=self.posterior.model_version)
+        try:
+            self.labeller.close()
+        finally:
+            self.sock.close()

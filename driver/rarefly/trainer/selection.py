@@ -1,0 +1,55 @@
+"""Which queued frames to label: drop near-duplicates, prefer high uncertainty, cap the rate.
+
+Near-duplicates: two frames of the same composition whose sorted interatomic distances
+differ by less than ``dedup_tol`` (RMS, Angstrom) are the same configuration for the purpose
+of learning (invariant to rotation, translation and permutation of like atoms).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from rarefly.prediction import Structure
+
+
+@dataclass
+class SelectionPolicy:
+    dedup_tol: float = 0.02          # Angstrom, RMS of sorted pair distances
+    max_in_flight: int = 2           # labelling tasks at a time
+    max_per_update: int = 4          # labels per posterior update at most
+
+
+def fingerprint(s: Structure) -> tuple[bytes, np.ndarray]:
+    from scipy.spatial.distance import pdist
+
+    comp = np.sort(np.asarray(s.numbers)).tobytes()
+    return comp, np.sort(pdist(np.asarray(s.positions)))
+
+
+class Deduplicator:
+    def __init__(self, tol: float):
+        self.tol = tol
+        self.seen: dict[bytes, list[np.ndarray]] = {}
+
+    def is_duplicate(self, s: Structure) -> bool:
+        comp, fp = fingerprint(s)
+        for other in self.seen.get(comp, []):
+            if np.sqrt(np.mean((other - fp) ** 2)) < self.tol:
+                return True
+        return False
+
+    def add(self, s: Structure) -> None:
+        comp, fp = fingerprint(s)
+        self.seen.setdefault(comp, []).append(fp)
+
+
+def rank(rows) -> list:
+    """Queued rows, audit frames first (they are few and measure calibration), then flagged
+    frames by decreasing raw uncertainty."""
+    rows = list(rows)
+    audit = [r for r in rows if r.get("origin") == "audit"]
+    flagged = sorted((r for r in rows if r.get("origin") != "audit"),
+                     key=lambda r: -float(r.get("sigma_E_raw", r.get("sigma_E", 0.0)) or 0.0))
+    return audit + flagged

@@ -1,0 +1,74 @@
+"""``rarefly trainer``: the sidecar trainer (normally started by ``rarefly run``)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+EPILOG = """\
+The trainer binds a zmq PULL endpoint; drivers started with --learn ENDPOINT push the frames
+they flag (and a small random audit sample) there. Every frame and label goes to the ASE
+database (--db); each new label first updates the Student-t calibration with the error of
+the model that had not seen it, then the posterior is refined and published to --model
+(atomic rename), where the drivers pick it up between two force calls.
+
+example:
+  rarefly trainer --model model.rfly --db run/frames.db --endpoint ipc:///tmp/rarefly-learn \\
+      --reference xtb --executor local --workers 1 --max-labels 50
+"""
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    p.epilog = EPILOG
+    p.add_argument("--model", required=True, help="model file: read at start, new versions written here")
+    p.add_argument("--db", required=True, help="ASE database (SQLite) of frames and labels; resumed if it exists")
+    p.add_argument("--endpoint", default="ipc:///tmp/rarefly-learn",
+                   help="zmq endpoint to bind for frames (ipc:// or tcp://127.0.0.1:PORT)")
+    p.add_argument("--reference", default="xtb", help="emt | xtb | pyscf | module:Class (default xtb)")
+    p.add_argument("--reference-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="option for the reference calculator (repeatable), e.g. method=GFN1-xTB")
+    p.add_argument("--executor", default="local", choices=["local", "threads", "slurm"],
+                   help="Parsl executor for labelling (default local processes)")
+    p.add_argument("--workers", type=int, default=1, help="labelling workers")
+    p.add_argument("--max-labels", type=int, help="budget of reference calls")
+    p.add_argument("--update-every", type=int, default=1, help="labels per posterior update")
+    p.add_argument("--holdout", help="extxyz of held-out reference frames: errors logged per version")
+    p.add_argument("--max-seconds", type=float, help="stop after this wall time")
+    p.add_argument("--no-align", action="store_true", help="do not align reference energies at the first label")
+
+
+def _options(items):
+    out = {}
+    for it in items:
+        k, sep, v = it.partition("=")
+        if not sep:
+            raise ValueError(f"--reference-option {it!r} is not KEY=VALUE")
+        for conv in (int, float):
+            try:
+                v = conv(v)
+                break
+            except ValueError:
+                continue
+        out[k] = v
+    return out
+
+
+def run(args) -> int:
+    from rarefly.trainer.labelling import ExecutorSpec, LabellingError
+    from rarefly.trainer.loop import Trainer, TrainerConfig
+    from rarefly.trainer.reference import ReferenceError, ReferenceSpec, check_reference
+
+    logging.basicConfig(level=logging.INFO, format="rarefly trainer: %(message)s", stream=sys.stderr)
+    try:
+        ref = ReferenceSpec(args.reference, _options(args.reference_option))
+        check_reference(ref)
+        cfg = TrainerConfig(model=args.model, database=args.db, endpoint=args.endpoint, reference=ref,
+                            executor=ExecutorSpec(args.executor, args.workers),
+                            update_every=args.update_every, max_labels=args.max_labels,
+                            align_energies=not args.no_align, holdout=args.holdout)
+        trainer = Trainer(cfg)
+    except (ReferenceError, LabellingError, ValueError, FileNotFoundError) as exc:
+        print(f"rarefly trainer: {exc}", file=sys.stderr)
+        return 2
+    return trainer.run(max_seconds=args.max_seconds)
