@@ -20,8 +20,8 @@ import pytest
 from rarefly import cv as rcv
 from rarefly import cv_service as cs
 from rarefly.prediction import Structure
-from test_cv_ipi import (IPI, colvar, data_lines, ipi_env, ipi_xml, prepare, read_frames,
-                         run_ipi, write_frames)
+from test_cv_ipi import (colvar, data_lines, ipi_xml, prepare, read_frames, run_ipi,
+                         write_frames)
 from test_cv_service import unique_endpoint
 
 pytestmark = pytest.mark.slow

@@ -3,14 +3,12 @@ real PLUMED kernel + PyCV driven directly (the box derivatives of a periodic sys
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-import zmq
 
 from rarefly import cv as rcv
 from rarefly import cv_service as cs

@@ -15,7 +15,6 @@ from itertools import count
 
 import numpy as np
 import pytest
-import zmq
 
 from rarefly import cv_service as cs
 from rarefly.prediction import Prediction, Structure

@@ -19,10 +19,12 @@ cached too. In the driver::
     service.stop()
 
 ``guarded()`` is the predictor behind ``service.model_lock``, so the force loop and the CV
-never run the model at the same time. Positions match when every coordinate agrees within ``1e-8 A + 1e-8 |x|``: PLUMED
-converts i-PI's Bohr with its own constant (0.52917721), which differs from
-``ase.units.Bohr`` by 1.1e-9, and periodic positions match modulo lattice vectors (i-PI may
-wrap what it sends to the driver, never what it gives PLUMED).
+never run the model at the same time.
+
+Positions match when every coordinate agrees within ``1e-8 A + 1e-8 |x|``: PLUMED converts
+i-PI's Bohr with its own constant (0.52917721), which differs from ``ase.units.Bohr`` by
+1.1e-9, and periodic positions match modulo lattice vectors (i-PI may wrap what it sends to
+the driver, never what it gives PLUMED).
 
 Wire format (version 1), every message a zmq multipart message, never pickle:
 
@@ -55,7 +57,6 @@ import re
 import signal
 import sys
 import threading
-import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Sequence
@@ -239,19 +240,6 @@ def decode_reply(frames: Sequence[bytes], natoms: int) -> SigmaReply:
 
 
 # --------------------------------------------------------------------------------- cache
-
-
-def positions_match(a: np.ndarray, b: np.ndarray, cell: np.ndarray | None = None) -> bool:
-    """True when positions ``a`` and ``b`` (N,3, Angstrom) agree within the cache tolerance;
-    with a cell (rows), atoms may differ by lattice vectors."""
-    if a.shape != b.shape:
-        return False
-    delta = a - b
-    if cell is not None:
-        frac = delta @ np.linalg.inv(cell)
-        delta = (frac - np.round(frac)) @ cell
-    tol = MATCH_ATOL + MATCH_RTOL * np.maximum(np.abs(a), np.abs(b))
-    return bool(np.all(np.abs(delta) <= tol))
 
 
 def _cells_match(a: np.ndarray | None, b: np.ndarray | None) -> bool:
