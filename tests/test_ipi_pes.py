@@ -13,13 +13,7 @@ from ipi.pes.dummy import Dummy_driver
 
 import rarefly.pes
 from rarefly.client import DriverError
-from rarefly.posterior import load_posterior
 from rarefly.prediction import Structure
-
-
-@pytest.fixture(scope="module")
-def posterior(model_file):
-    return load_posterior(model_file)
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +21,12 @@ def pes(model_file, ethanol_xyz):
     # the way i-PI builds it: <parameters> as keyword arguments, plus i-PI's own "verbosity"
     return load_pes("custom", rarefly.pes.__file__)(template=str(ethanol_xyz),
                                                    model=str(model_file), verbosity=False)
+
+
+@pytest.fixture(scope="module")
+def posterior(pes):
+    """The reference: the same posterior, called directly in rarefly's units."""
+    return pes.posterior
 
 
 def test_module_declares_the_driver_the_way_ipi_scans_it():
@@ -81,6 +81,7 @@ def test_batched_call_evaluates_all_structures_in_one_predict(pes, posterior, et
     assert isinstance(single, list) and len(single) == 1
 
 
+@pytest.mark.slow
 def test_periodic_template_uses_the_cell_and_returns_the_virial(tmp_path, model_file,
                                                                 ethanol_xyz):
     atoms = read(ethanol_xyz)
