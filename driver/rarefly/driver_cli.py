@@ -9,6 +9,7 @@ table is in :mod:`rarefly.client`).
 from __future__ import annotations
 
 import argparse
+import os
 import logging
 import re
 import sys
@@ -113,6 +114,32 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     conn.add_argument("--exit-on-disconnect", action="store_true",
                       help="exit at once when the server disconnects without sending EXIT, "
                            "instead of waiting --connect-timeout for it to come back")
+    cv = parser.add_argument_group("uncertainty CV for PLUMED (see plumed_inputs/)")
+    cv.add_argument("--cv", action="store_true",
+                    help="serve sigma_E and its gradient to PLUMED's PyCV (rarefly.cv) over zmq; "
+                         "forces just computed are answered from a cache, so the model runs "
+                         "once per configuration")
+    cv.add_argument("--cv-endpoint", metavar="URL",
+                    help="zmq endpoint of the CV service (default: ipc:///tmp/rarefly-cv-ADDRESS); "
+                         "set RAREFLY_CV_ENDPOINT to the same in i-PI's environment")
+    learn = parser.add_argument_group("on-the-fly learning (with `rarefly trainer`)")
+    learn.add_argument("--learn", metavar="URL",
+                       help="send flagged and audit frames to the trainer at this zmq endpoint, "
+                            "and pick up the new model versions it publishes to --model")
+    learn.add_argument("--level", type=float, default=0.95,
+                       help="flag a frame when P(|E error| < epsilon) is below this (default 0.95)")
+    learn.add_argument("--force-threshold", type=float, metavar="EV_PER_A",
+                       help="also flag when an atom's force uncertainty exceeds this (eV/A)")
+    learn.add_argument("--audit-fraction", type=float, default=0.02,
+                       help="random fraction of unflagged frames sent for calibration audit (default 0.02)")
+    learn.add_argument("--mode", choices=["async", "guarantee"], default="async",
+                       help="async: the MD goes on with the model; guarantee: a flagged step gets "
+                            "the reference energy and forces (computed here) (default async)")
+    learn.add_argument("--reference", default="xtb",
+                       help="reference calculator for guarantee mode: emt | xtb | pyscf | module:Class")
+    learn.add_argument("--walker", default=None, help="name of this walker in the data set (default: ADDRESS)")
+    learn.add_argument("--watch", action="store_true",
+                       help="reload --model when it changes (on by default with --learn)")
     parser.add_argument("-q", "--quiet", action="store_true",
                         help="print only errors, not connection progress")
 
@@ -271,11 +298,17 @@ def run(args: argparse.Namespace, *, loader: Loader | None = None) -> int:
         logger.info("model %s (version %s) ready for %d atoms, %s; connecting to i-PI",
                     args.model, getattr(predictor, "model_version", "?"), len(template),
                     "periodic" if any(template.pbc) else "not periodic")
-        serve(predictor, template.numbers, address=args.address, port=args.port,
-              unix=args.unix, sockets_prefix=args.sockets_prefix,
-              connect_timeout=args.connect_timeout, pbc=tuple(template.pbc),
-              exit_on_disconnect=args.exit_on_disconnect,
-              template_name=f"the template {args.template}")
+        outer, on_prediction, provider, closers = _compose(args, predictor, template, loader, logger)
+        try:
+            serve(outer, template.numbers, address=args.address, port=args.port,
+                  unix=args.unix, sockets_prefix=args.sockets_prefix,
+                  connect_timeout=args.connect_timeout, pbc=tuple(template.pbc),
+                  exit_on_disconnect=args.exit_on_disconnect,
+                  template_name=f"the template {args.template}",
+                  on_prediction=on_prediction, predictor_provider=provider)
+        finally:
+            for close in closers:
+                close()
         return 0
     except DriverError as exc:
         print(f"rarefly driver: {exc.message}", file=sys.stderr)
@@ -288,6 +321,64 @@ def run(args: argparse.Namespace, *, loader: Loader | None = None) -> int:
     finally:
         logger.removeHandler(handler)
         logger.setLevel(previous_level)
+
+
+def _compose(args, predictor, template, loader, logger):
+    """Stack the optional layers around the model: flagging (--learn), the CV service (--cv)
+    and the hot swap (--watch/--learn). Returns (predictor for serve, on_prediction hook,
+    predictor_provider, closers)."""
+    from rarefly.prediction import Structure
+
+    flagger = service = None
+    closers = []
+    inner = predictor
+    if args.learn:
+        from rarefly.flagging import FlagPolicy, FlaggingPredictor
+        from rarefly.trainer.reference import ReferenceSpec
+
+        try:
+            policy = FlagPolicy(level=args.level, force_threshold=args.force_threshold,
+                                audit_fraction=args.audit_fraction, mode=args.mode)
+        except ValueError as exc:
+            raise DriverError(str(exc)) from None
+        ref = ReferenceSpec(args.reference) if args.mode == "guarantee" else None
+        flagger = FlaggingPredictor(predictor, args.learn, policy, walker=args.walker or args.address,
+                                    reference=ref)
+        closers.append(flagger.close)
+        inner = flagger
+        logger.info("flagging frames with confidence < %g to %s (%s mode)", args.level, args.learn, args.mode)
+    outer = inner
+    on_prediction = None
+    if args.cv:
+        from rarefly.cv_service import CVService, default_endpoint
+
+        endpoint = args.cv_endpoint or default_endpoint(os.path.basename(args.address) or "driver")
+        try:
+            service = CVService(inner, endpoint, template=Structure.from_atoms(template)).start()
+        except OSError as exc:
+            raise DriverError(str(exc)) from None
+        closers.append(service.stop)
+        outer = service.guarded()
+        on_prediction = service.remember
+        logger.info("uncertainty CV served on %s", service.endpoint)
+    provider = None
+    if args.watch or args.learn:
+        from rarefly.hotswap import ModelWatcher
+
+        def _swap(new):
+            if flagger is not None:
+                flagger.inner = new
+            if service is not None:
+                service.set_predictor(flagger or new)
+            return new
+
+        watcher = ModelWatcher(args.model, predictor,
+                               lambda path: load_model(path, args.device, None, loader), on_swap=_swap)
+
+        def provider():
+            watcher()
+            return outer
+    return outer, on_prediction, provider, closers
 
 
 def _one_line(exc: BaseException) -> str:

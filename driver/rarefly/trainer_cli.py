@@ -59,7 +59,8 @@ def run(args) -> int:
     from rarefly.trainer.loop import Trainer, TrainerConfig
     from rarefly.trainer.reference import ReferenceError, ReferenceSpec, check_reference
 
-    logging.basicConfig(level=logging.INFO, format="rarefly trainer: %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=logging.WARNING, format="rarefly trainer: %(message)s", stream=sys.stderr)
+    logging.getLogger("rarefly").setLevel(logging.INFO)
     try:
         ref = ReferenceSpec(args.reference, _options(args.reference_option))
         check_reference(ref)

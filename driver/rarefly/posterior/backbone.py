@@ -19,7 +19,9 @@ Readout linearisation: every MACE readout is linear in its *last* weight matrix.
 with ``phi_i`` the concatenation of those readout inputs and ``theta`` the readout weights
 (read off mace's modules by probing them with unit vectors, so e3nn's normalisation
 constants are folded in). ``theta`` is what :mod:`rarefly.posterior.lastlayer` is Bayesian
-over.
+over. ``phi_i`` also ends with the one-hot element encoding of atom ``i`` (weights starting at
+zero): per-element energy shifts, the commonest systematic error of a foundation model on a
+new reference method, are then learned with the readout instead of being mistaken for noise.
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ class Backbone(nn.Module):
                 self.readout_dims.append(_scalar_dim(readout.linear_2.irreps_in))
             else:
                 self.readout_dims.append(_scalar_dim(readout.linear.irreps_in))
-        self.num_features = sum(self.readout_dims)
+        self.num_elements = len(self.atomic_numbers)
+        self.num_features = sum(self.readout_dims) + self.num_elements
 
     # ------------------------------------------------------------------ readout weights
     @torch.no_grad()
@@ -65,6 +68,7 @@ class Backbone(nn.Module):
             probe[:, :dim] = torch.eye(dim, dtype=self._dtype())
             out = lin(probe)  # (dim, num_heads)
             thetas.append(out[:, self.head])
+        thetas.append(torch.zeros(self.num_elements, dtype=self._dtype()))  # element shifts
         return torch.cat(thetas)
 
     def _dtype(self) -> torch.dtype:
@@ -135,7 +139,7 @@ class Backbone(nn.Module):
         inter = torch.stack(energies).sum(0)
         return {
             "fixed": node_e0 + scale * pair + shift,
-            "phi": scale * torch.cat(phis, dim=-1),
+            "phi": torch.cat([scale * torch.cat(phis, dim=-1), node_attrs], dim=-1),
             "energy": node_e0 + scale * inter + shift,
             "num_graphs": torch.tensor(num_graphs),
         }

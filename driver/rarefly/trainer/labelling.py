@@ -45,9 +45,17 @@ class Labeller:
     """Submit labelling tasks; ``submit`` returns a future with ``(energy, forces)``."""
 
     def __init__(self, reference: ReferenceSpec, executor: ExecutorSpec, run_dir: str):
+        import os
+        import sys
+
         import parsl
         from parsl.config import Config
 
+        # Parsl starts helper scripts (interchange.py, process_worker_pool.py) by name: make
+        # the ones of this environment findable also when the venv is not activated.
+        bindir = os.path.dirname(sys.executable)
+        if bindir not in os.environ.get("PATH", "").split(os.pathsep):
+            os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
         self.reference = reference
         self.spec = executor
         ex = self._executor(executor)
