@@ -90,3 +90,21 @@ def test_demo_command(tmp_path, model_file, child_env):
     assert float(summary.group(2)) > 0 and 0 <= float(summary.group(3)) <= 1
     socket_file = re.search(r"on (/tmp/ipi_rarefly-demo-\S+)", proc.stdout).group(1)
     assert not Path(socket_file).exists()  # i-PI removed its socket: nothing left running
+
+
+def test_demo_stops_everything_when_the_driver_fails(tmp_path, model_file, child_env):
+    from ase import Atoms
+
+    out = tmp_path / "demo"
+    out.mkdir()
+    shutil.copy(model_file, out / "model-lastlayer.rfly")
+    structure = tmp_path / "h2s.xyz"
+    Atoms("SH2", positions=[[0, 0, 0], [0.97, 0.0, 0.9], [-0.97, 0.0, 0.9]]).write(structure)
+    proc = subprocess.run([sys.executable, "-m", "rarefly.cli", "demo", "--steps", str(STEPS),
+                           "--out", str(out), "--structure", str(structure)],
+                          capture_output=True, text=True, env=child_env, timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "rarefly demo: rarefly driver stopped with exit code 1" in proc.stderr
+    assert "contains S, which the model" in proc.stderr  # sulfur: not an element of the model
+    socket_file = re.search(r"on (/tmp/ipi_rarefly-demo-\S+)", proc.stdout).group(1)
+    assert not Path(socket_file).exists()  # i-PI was stopped too

@@ -262,11 +262,13 @@ class IPIRun:
                                        *self.driver_args], "driver.log")
 
     def log_tail(self, name: str, lines: int = 15) -> str:
+        """The end of a log; for the driver, its own messages when it wrote any."""
         try:
             text = (self.workdir / name).read_text(errors="replace").splitlines()
         except FileNotFoundError:
             return ""
-        return "\n".join(text[-lines:])
+        own = [line for line in text if line.startswith("rarefly driver:")]
+        return "\n".join((own or text)[-lines:])
 
     def wait(self, timeout: float, progress=None, total_steps: int | None = None,
              poll: float = 0.2) -> None:
