@@ -52,7 +52,7 @@ from rarefly.client import (
     extras_json,
     virial_from_stress,
 )
-from rarefly.prediction import Prediction, Structure
+from rarefly.prediction import InputError, Prediction, Structure
 from rarefly.protocol import ipi_transpose
 from rarefly.units import BOHR_TO_ANGSTROM, EV_TO_HARTREE, FORCE_EV_A_TO_AU, energy_to_ev
 
@@ -124,7 +124,11 @@ class RareflyPES(Dummy_driver):
         """All structures in one ``predict`` call; arguments and results in atomic units."""
         self.calls += 1
         structures = [self._structure(c, p) for c, p in zip(cells, positions)]
-        predictions = self.posterior.predict(structures)
+        try:
+            predictions = self.posterior.predict(structures)
+        except InputError as exc:
+            raise DriverError(f"the model cannot evaluate a structure in call {self.calls} of "
+                              f"the rarefly PES: {exc}") from None
         self.structures += len(structures)
         return [self._result(s, p) for s, p in zip(structures, predictions)]
 
@@ -156,7 +160,7 @@ class RareflyPES(Dummy_driver):
 
     def _result(self, structure: Structure, prediction: Prediction) -> Result:
         """rarefly Prediction (eV, Angstrom, rows) -> i-PI's tuple (Hartree, Bohr, columns)."""
-        virial = np.zeros((3, 3))
+        virial = np.zeros((3, 3))  # molecules (and a model without stress) have none
         if structure.cell is not None and prediction.stress is not None:
             virial = virial_from_stress(prediction.stress, structure.cell)
         return (float(prediction.energy) * EV_TO_HARTREE,
