@@ -375,3 +375,34 @@ def test_killing_the_service_stops_ipi_with_a_clear_message(tmp_path):
     assert ipi.returncode != 0
     assert elapsed < 2.0 + 8.0, elapsed  # the CV timeout, then i-PI's own exit
     assert f"no answer from the rarefly driver at {endpoint} within 2 s" in out
+
+
+def test_killing_the_driver_stops_ipi_waiting_for_forces(tmp_path):
+    """The whole driver (socket client + CV service) dies: i-PI, blocked on the forces,
+    would wait forever; the CV's watchdog stops it with the sentence and status 1."""
+    endpoint, socket = unique_endpoint(), f"rarefly-cvkill-{os.getpid()}"
+    prepare(tmp_path, "metad.dat", steps=100000, socket=socket)
+    ipi = subprocess.Popen([str(IPI), "input.xml"], cwd=tmp_path,
+                           env=ipi_env(endpoint, timeout_s=2.0), stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    driver = subprocess.Popen([sys.executable, str(Path(__file__).with_name("test_cv_service.py")),
+                               endpoint, socket], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 40
+        while not ((tmp_path / "sim.out").exists()
+                   and len(data_lines(tmp_path / "sim.out")) >= 10):
+            assert ipi.poll() is None and driver.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        driver.send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        out = ipi.communicate(timeout=40)[0]
+        elapsed = time.monotonic() - killed
+    finally:
+        for proc in (driver, ipi):
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+    assert ipi.returncode == 1, out[-3000:]
+    assert elapsed < 2.0 + 10.0, elapsed
+    assert f"no answer from the rarefly driver at {endpoint} within 2 s" in out

@@ -265,11 +265,23 @@ def test_endpoints():
             cs.CVService(AnalyticSigma(ref), endpoint, template=ref).start()
 
 
-def serve_double(endpoint: str, delay_s: float = 0.0) -> int:
+def serve_double(endpoint: str) -> int:
     """Serve AnalyticSigma for an ethanol template until SIGTERM (used by test_cv_ipi)."""
     ref = ethanol()
-    return cs.serve(cs.CVService(AnalyticSigma(ref, delay_s=delay_s), endpoint, template=ref))
+    return cs.serve(cs.CVService(AnalyticSigma(ref), endpoint, template=ref))
+
+
+def drive_double(endpoint: str, ipi_socket: str) -> int:
+    """A driver process as `rarefly driver --cv` builds it, on AnalyticSigma: forces (zero)
+    for i-PI's UNIX socket ``ipi_socket`` plus the CV service (used by test_cv_ipi)."""
+    from rarefly.client import serve
+
+    ref = ethanol()
+    with cs.CVService(AnalyticSigma(ref), endpoint, template=ref) as service:
+        serve(service.guarded(), ref.numbers, address=ipi_socket, unix=True,
+              connect_timeout=30, on_prediction=service.remember)
+    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(serve_double(sys.argv[1], float(sys.argv[2]) if len(sys.argv) > 2 else 0.0))
+    sys.exit(drive_double(*sys.argv[1:3]) if len(sys.argv) > 2 else serve_double(sys.argv[1]))

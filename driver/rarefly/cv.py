@@ -34,6 +34,8 @@ Facts this module relies on (checked with i-PI 3.3.1 and the bundled PLUMED 2.11
   (pybind11 without the GIL), so ``init`` does nothing that can fail.
 * PyCV passes no arguments to ``init``: the endpoint and timeout come from the environment
   of the i-PI process (``RAREFLY_CV_ENDPOINT``, ``RAREFLY_CV_TIMEOUT``).
+* When the driver dies, i-PI usually waits for its forces, not for PLUMED, and i-PI waits
+  for a dead socket client forever; :class:`DriverWatchdog` stops it then.
 * i-PI runs PLUMED's update phase (PRINT, METAD/OPES deposition) only from
   ``<smotion mode="metad">``: every input needs it, static biases included.
 * PLUMED cannot find the PyCV plugin by itself (no search path, no variables in inputs), so
@@ -57,15 +59,19 @@ Environment
 ``RAREFLY_CV_TIMEOUT``    seconds to wait for an answer before stopping the run (default 30)
 ``RAREFLY_CV_PLUMED_UNITS``  ``A,eV`` (default) or PLUMED's length,energy units otherwise
 ``RAREFLY_PYCV``          path of the PyCV plugin, when not the one bundled with ``plumed``
+``RAREFLY_CV_WATCHDOG``   ``0`` turns off the watchdog that stops i-PI when the driver is gone
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import re
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +85,7 @@ ENV_ENDPOINT = _wire.ENV_ENDPOINT
 ENV_TIMEOUT = "RAREFLY_CV_TIMEOUT"
 ENV_PLUMED_UNITS = "RAREFLY_CV_PLUMED_UNITS"
 ENV_PYCV = "RAREFLY_PYCV"
+ENV_WATCHDOG = "RAREFLY_CV_WATCHDOG"
 DEFAULT_TIMEOUT_S = 30.0
 #: a request unanswered this long is sent again on a fresh socket (requests are idempotent)
 RESEND_S = 5.0
@@ -177,6 +184,8 @@ class UncertaintyCV:
         self._last_key: tuple[bytes, bytes] | None = None
         self._last: tuple[float, np.ndarray, np.ndarray] | None = None
         self.requests = 0
+        self.busy = False  # a request is in flight (it has its own deadline)
+        self.watchdog: DriverWatchdog | None = None
 
     def compute(self, positions: np.ndarray, box: np.ndarray,
                 log=None) -> tuple[float, np.ndarray, np.ndarray]:
@@ -196,7 +205,14 @@ class UncertaintyCV:
             self.checked = True
         has_box = abs(np.linalg.det(box_a)) > 1e-6
         self.requests += 1
-        reply = self.client.sigma(pos_a, box_a if has_box else None)
+        self.busy = True
+        try:
+            reply = self.client.sigma(pos_a, box_a if has_box else None)
+        finally:
+            self.busy = False
+        if self.watchdog is None and _under_ipi() and os.environ.get(ENV_WATCHDOG, "1") != "0":
+            self.watchdog = DriverWatchdog(self.endpoint, self.client.timeout_s,
+                                           busy=lambda: self.busy).start()
         scale = 1.0 / self.energy_ev  # eV -> PLUMED energy
         value = reply.sigma * scale
         grad = reply.gradient * (self.length_a * scale)
@@ -212,6 +228,105 @@ class UncertaintyCV:
                 self.warned_virial = True
         self._last_key, self._last = key, (value, grad, box_deriv)
         return self._last
+
+
+class DriverWatchdog:
+    """Stops i-PI when the driver stops answering while i-PI waits for it elsewhere.
+
+    i-PI 3.3.1 waits forever for a socket client that died (a reset connection even kills
+    its polling thread, ``exit_on_disconnect`` or not), and then it is blocked on the
+    forces, not in PLUMED, so the CV's own bounded wait never comes. This daemon thread,
+    started in i-PI's process after the CV's first answer, pings the CV endpoint every few
+    seconds. When nothing has answered for ``timeout_s`` while no CV request was in flight,
+    it prints one sentence naming the endpoint, runs i-PI's soft-exit cleanup (outputs and
+    RESTART are written, i-PI says "I-PI reports a problem") and ends the process with
+    status 1. It stands down once i-PI's own soft exit has begun (the normal end of a run
+    stops the driver too). ``RAREFLY_CV_WATCHDOG=0`` turns it off.
+    """
+
+    def __init__(self, endpoint: str, timeout_s: float, busy: Callable[[], bool],
+                 period_s: float | None = None, grace_s: float = 30.0):
+        self.endpoint, self.timeout_s, self.busy = endpoint, float(timeout_s), busy
+        self.period_s = period_s if period_s is not None else min(5.0, self.timeout_s / 3)
+        self.grace_s = grace_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rarefly-cv-watchdog",
+                                        daemon=True)
+
+    def start(self) -> "DriverWatchdog":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        last_ok = time.monotonic()
+        while not self._stop.wait(self.period_s):
+            if _ipi_exiting():
+                return
+            if self.busy() or self._ping():
+                last_ok = time.monotonic()
+            elif time.monotonic() - last_ok >= self.timeout_s and not self.busy():
+                if _ipi_exiting():
+                    return
+                _stop_ipi(f"rarefly uncertainty CV: no answer from the rarefly driver at "
+                          f"{self.endpoint} within {self.timeout_s:g} s while i-PI waited for "
+                          f"it, so the run stops (the driver died or hangs; i-PI alone would "
+                          f"wait forever)", self.grace_s)
+                return
+
+    def _ping(self) -> bool:
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.REQ)
+        sock.setsockopt(zmq.LINGER, 0)
+        try:
+            sock.connect(self.endpoint)
+            sock.send_multipart(_wire.encode_op("ping"))
+            return bool(sock.poll(int(self.period_s * 1000)))
+        finally:
+            sock.close()
+            ctx.term()
+
+
+def _under_ipi() -> bool:
+    return "ipi.utils.softexit" in sys.modules
+
+
+def _ipi_exiting() -> bool:
+    softexit = getattr(sys.modules.get("ipi.utils.softexit"), "softexit", None)
+    return bool(getattr(softexit, "triggered", False))
+
+
+def _stop_ipi(message: str, grace_s: float) -> None:
+    """Print ``message``, run i-PI's soft-exit cleanup and end the process with status 1."""
+    print(message, file=sys.stderr, flush=True)
+
+    def _exit_1():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+
+    atexit.register(_exit_1)  # if i-PI's main thread gets to exit first, the status stays 1
+    timer = threading.Timer(grace_s, _exit_1)  # in case the cleanup itself hangs
+    timer.daemon = True
+    timer.start()
+    try:
+        from ipi.utils.softexit import softexit
+    except ImportError:
+        _exit_1()
+    # i-PI's executable ends with os._exit(0) after a soft exit (hard_exit); the status is
+    # ours to give, so the other threads that notice the soft exit just end themselves.
+    softexit.hard_exit = False
+    cleanup = getattr(softexit, "cleanup", None)  # i-PI >= 3.3: cleanup without exiting
+    if cleanup is not None:
+        cleanup(status="bad", message=message)  # outputs, RESTART, driver sockets closed
+    else:
+        worker = threading.Thread(target=softexit.trigger, daemon=True,
+                                  kwargs={"status": "bad", "message": message})
+        worker.start()
+        worker.join(grace_s)
+    _exit_1()
 
 
 def _env_float(name: str, default: float) -> float:
