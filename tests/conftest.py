@@ -5,8 +5,8 @@ Fixtures built once per test session, from the files the project ships in
 
 ``model_file``
     Path of a rarefly model file (``.rfly``): a ``lastlayer`` posterior on the embedded
-    foundation model (``create_posterior("small", "lastlayer")``), fitted on 20 frames
-    spread over ``foundation_train.xyz``. No energy offset is fitted: the data are the
+    foundation model (``build_posterior("small", "lastlayer", ...)``), fitted on 20 frames
+    spread over ``foundation_train.xyz`` and calibrated on 10 of ``foundation_valid.xyz``. No energy offset is fitted: the data are the
     foundation's own reference (GFN2-xTB). Read-only: copy it before changing it.
     Building it takes a few seconds to half a minute on 2 cores, once per session.
 
@@ -65,11 +65,12 @@ def training_frames():
 @pytest.fixture(scope="session")
 def model_file(tmp_path_factory, training_frames):
     from rarefly.foundation import EMBEDDED
-    from rarefly.posterior import create_posterior
+    from rarefly.demo import select_frames
+    from rarefly.posterior import build_posterior
 
     _require(EMBEDDED["small"])
-    posterior = create_posterior("small", "lastlayer")
-    posterior.fit(training_frames)
+    calibration = select_frames(_require(_data_dir() / "foundation_valid.xyz"), 10)
+    posterior = build_posterior("small", "lastlayer", training_frames, calibration)
     path = tmp_path_factory.mktemp("model") / "lastlayer.rfly"
     posterior.save(path)
     return path

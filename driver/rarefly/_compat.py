@@ -15,3 +15,26 @@ def fix_e3nn_safe_load() -> None:
     add = getattr(torch.serialization, "add_safe_globals", None)
     if add is not None:
         add([slice])
+
+
+_MACE_ENV = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
+
+
+def import_mace(*modules: str) -> None:
+    """Import mace (and ``modules`` of it) without keeping its process-wide switch-off of
+    safe loading: mace sets TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 at import time, which would make
+    every later ``torch.load`` without an explicit ``weights_only`` unpickle. We restore the
+    variable to what it was before (rarefly passes ``weights_only`` explicitly everywhere)."""
+    import importlib
+    import os
+
+    had = os.environ.get(_MACE_ENV)
+    try:
+        importlib.import_module("mace")
+        for name in modules:
+            importlib.import_module(name)
+    finally:
+        if had is None:
+            os.environ.pop(_MACE_ENV, None)
+        else:
+            os.environ[_MACE_ENV] = had

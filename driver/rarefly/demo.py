@@ -377,7 +377,7 @@ def build_model(path: str | os.PathLike, kind: str = "lastlayer", foundation: st
     changes forces and sigmas by ~1e-4 relative, which MD with a thermostat does not notice.
     """
     from rarefly.foundation import DATA_DIR
-    from rarefly.posterior import create_posterior
+    from rarefly.posterior import build_posterior
 
     data = Path(data) if data is not None else DATA_DIR / "foundation_train.xyz"
     if not data.exists():
@@ -390,8 +390,9 @@ def build_model(path: str | os.PathLike, kind: str = "lastlayer", foundation: st
     with warnings.catch_warnings():
         for text in _QUIET_WARNINGS:  # import-time noise of mace/e3nn/TorchScript
             warnings.filterwarnings("ignore", message=text, category=UserWarning)
-        posterior = create_posterior(foundation, kind, dtype=dtype, **options)
-        posterior.fit(labelled, progress=progress)
+        calibration = select_frames(DATA_DIR / "foundation_valid.xyz", max(5, frames // 2))
+        posterior = build_posterior(foundation, kind, labelled, calibration, dtype=dtype,
+                                    progress=progress, **options)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     posterior.save(path)

@@ -40,7 +40,6 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-frames", type=int, help="use only the first N frames")
     p.add_argument("--samples", type=int, default=8, help="sghmc: posterior samples (chains)")
     p.add_argument("--cycle-steps", type=int, default=200, help="sghmc: gradient steps per cycle")
-    p.add_argument("--cycles", type=int, default=1, help="sghmc: cycles per chain")
     p.add_argument("--align-energies", action="store_true",
                    help="fit per-element offsets so the reference energies line up with the "
                         "foundation model's zero (needed when the reference code differs from "
@@ -54,8 +53,8 @@ def run(args) -> int:
 
     from rarefly.data_io import DataError, read_frames
     from rarefly.foundation import FoundationError
-    from rarefly.posterior import create_posterior
-    from rarefly.posterior.base import PosteriorSettings, update_calibration
+    from rarefly.posterior import build_posterior
+    from rarefly.posterior.base import PosteriorSettings
     from rarefly.units import energy_to_ev
 
     if args.threads:
@@ -66,26 +65,21 @@ def run(args) -> int:
         if args.max_frames:
             frames = frames[: args.max_frames]
         cal = read_frames(args.calibration_data, args.energy_key, args.forces_key) \
-            if args.calibration_data else []
+            if args.calibration_data else None
         settings = PosteriorSettings(epsilon=eps, prior_sigma=args.prior_sigma, energy_noise=0.1 * eps)
         opts = {} if args.kind == "lastlayer" else {"num_samples": args.samples,
                                                      "cycle_steps": args.cycle_steps}
-        post = create_posterior(args.foundation, args.kind, settings, dtype=args.dtype, **opts)
+        t0 = time.time()
+        print(f"rarefly fit: {len(frames)} frames from {args.data}, posterior {args.kind}, "
+              f"epsilon {eps * 1000:.2f} meV" + ("" if cal else "; the last fifth is held out "
+                                                 "for calibration (give --calibration-data to use all)"))
+        post = build_posterior(args.foundation, args.kind, frames, cal, settings, dtype=args.dtype,
+                               progress=True, align_energies=args.align_energies, **opts)
     except (DataError, FoundationError, ValueError) as exc:
         print(f"rarefly fit: {exc}", file=sys.stderr)
         return 2
-    t0 = time.time()
-    print(f"rarefly fit: {len(frames)} frames from {args.data}, posterior {args.kind}, "
-          f"epsilon {eps * 1000:.2f} meV")
-    if args.align_energies:
-        post.fit_energy_offset(frames)
-    kw = {"cycles": args.cycles} if args.kind == "sghmc" else {}
-    stats = post.fit(frames, progress=True, **kw)
-    if cal:
-        update_calibration(post, cal)
-    post.model_version = 1
-    post.provenance.update({"data": str(args.data), "n_frames": len(frames),
-                            "calibration_data": args.calibration_data, "fit_stats": stats,
+    stats = post.provenance["fit_stats"]
+    post.provenance.update({"data": str(args.data), "calibration_data": args.calibration_data,
                             "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
     post.save(args.output)
     c = post.calibration.energy

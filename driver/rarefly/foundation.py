@@ -34,8 +34,9 @@ class FoundationError(RuntimeError):
 
 def load_foundation(name_or_path: str, device: str = "cpu") -> torch.nn.Module:
     """Return a ScaleShiftMACE from a local file, an embedded name or a mace model name."""
-    import rarefly  # noqa: F401  (e3nn safe-load fix before mace is imported)
+    from rarefly._compat import import_mace
 
+    import_mace("mace.modules")
     if name_or_path in EMBEDDED:
         path = EMBEDDED[name_or_path]
         if not path.exists():
@@ -64,7 +65,10 @@ def _load_file(path: Path, device: str) -> torch.nn.Module:
 def _load_named(name: str, device: str) -> torch.nn.Module:
     family, _, size = name.partition(":")
     size = size or "small"
+    from rarefly._compat import import_mace
+
     try:
+        import_mace("mace.calculators")
         if family in ("mace-mp-0", "mace-mp", "mace_mp"):
             from mace.calculators import mace_mp
 
@@ -143,6 +147,9 @@ def architecture_of(model: torch.nn.Module) -> dict:
 
 def build_model(architecture: dict, state_dict: dict, dtype: torch.dtype = torch.float64,
                 device: str = "cpu") -> torch.nn.Module:
+    from rarefly._compat import import_mace
+
+    import_mace("mace.modules")
     from mace import modules
 
     config = _decode(architecture["config"])

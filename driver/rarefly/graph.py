@@ -56,6 +56,9 @@ def _overlap_check(pos: np.ndarray, sender: np.ndarray, receiver: np.ndarray,
 def build_graph(structures: Sequence[Structure], r_max: float, atomic_numbers: Sequence[int],
                 dtype: torch.dtype, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """Batch ``structures`` into one MACE input dictionary (positions in Angstrom)."""
+    from rarefly._compat import import_mace
+
+    import_mace("mace.data.neighborhood")
     from mace.data.neighborhood import get_neighborhood
 
     z_index = {int(z): i for i, z in enumerate(atomic_numbers)}

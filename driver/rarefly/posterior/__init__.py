@@ -17,8 +17,8 @@ from rarefly.posterior.sghmc import SGHMCConfig, SGHMCPosterior
 #: the one registry of posterior kinds
 KINDS = {"lastlayer": LastLayerPosterior, "sghmc": SGHMCPosterior}
 
-__all__ = ["KINDS", "LabelledFrame", "Posterior", "PosteriorSettings", "create_posterior",
-           "load_posterior"]
+__all__ = ["KINDS", "LabelledFrame", "Posterior", "PosteriorSettings", "build_posterior",
+           "create_posterior", "load_posterior"]
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
@@ -66,3 +66,31 @@ def load_posterior(path, device: str = "cpu", epsilon: float | None = None,
               energy_offset=payload.get("energy_offset"), model_version=payload["model_version"],
               provenance=payload.get("provenance"), architecture=payload["architecture"])
     return KINDS[kind].from_payload(Backbone(model), settings, payload["posterior"], **kw)
+
+
+def build_posterior(foundation: str, kind: str, frames, calibration_frames=None,
+                    settings: PosteriorSettings | None = None, dtype: str = "float64",
+                    progress: bool = False, align_energies: bool = False, **kind_options) -> Posterior:
+    """Create, fit and calibrate a posterior: what ``rarefly fit`` does.
+
+    calibration_frames: held-out frames whose residuals set the Student-t calibration; when
+    None, the last fifth of ``frames`` is held out for it (and not fitted). An uncalibrated
+    posterior would report raw uncertainties, which are far too small for a model whose
+    misfit is larger than its epistemic spread.
+    """
+    from rarefly.posterior.base import update_calibration
+
+    frames = list(frames)
+    if calibration_frames is None and len(frames) >= 5:
+        k = max(1, len(frames) // 5)
+        frames, calibration_frames = frames[:-k], frames[-k:]
+    post = create_posterior(foundation, kind, settings, dtype=dtype, **kind_options)
+    if align_energies:
+        post.fit_energy_offset(frames)
+    stats = post.fit(frames, progress=progress)
+    if calibration_frames:
+        update_calibration(post, list(calibration_frames))
+    post.model_version = 1
+    post.provenance.update({"n_frames": len(frames), "n_calibration": len(calibration_frames or []),
+                            "fit_stats": stats})
+    return post

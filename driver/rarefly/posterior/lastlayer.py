@@ -16,10 +16,14 @@ Prediction, one forward pass and one batched backward pass:
   is_grads_batched=True)``, i.e. one vectorised backward pass.
 
 Noise levels: the seed paper fixes the energy noise at 0.1 epsilon and learns per-atom force
-noise. A linear readout cannot absorb all of a foundation model's error, so ``fit`` sets both
-noise levels to the root-mean-square residuals of the fit (floors: the settings' values) and
-refits, twice: a documented departure that keeps the raw uncertainties of the right order
-before the Student-t calibration rescales them.
+noise. A linear readout cannot absorb all of a foundation model's error, so for the
+*likelihood* ``fit`` sets both noise levels to the root-mean-square residuals of the fit
+(``fit_noise``; floors: the settings' values) and refits, twice, so that energies and forces
+are weighted by how well they can be fitted. The *predictive* energy variance adds only the
+paper's aleatoric 0.1 epsilon: the misfit is a scale the Student-t calibration learns, and
+sigma_E keeps the epistemic variation that makes it useful as a collective variable (with
+the misfit inside it, sigma_E would be nearly constant). The predictive force variance adds
+the fitted force noise (the paper's aleatoric force term).
 """
 
 from __future__ import annotations
@@ -43,8 +47,10 @@ class LastLayerPosterior(Posterior):
     kind = "lastlayer"
 
     def __init__(self, backbone: Backbone, settings: PosteriorSettings, mean: torch.Tensor,
-                 cov: torch.Tensor, rank: int = 8, **kw):
+                 cov: torch.Tensor, rank: int = 8, fit_noise: tuple[float, float] | None = None, **kw):
         super().__init__(backbone, settings, **kw)
+        #: (energy eV, force eV/A) noise of the likelihood
+        self.fit_noise = tuple(fit_noise) if fit_noise else (settings.energy_noise, settings.force_noise)
         self.set_posterior(mean, cov, rank)
 
     def set_posterior(self, mean: torch.Tensor, cov: torch.Tensor, rank: int | None = None) -> None:
@@ -80,7 +86,7 @@ class LastLayerPosterior(Posterior):
         grads = torch.autograd.grad(Q, inputs, grad_outputs=go, is_grads_batched=True)
         gpos = grads[0]                                           # (R, n, 3)
         gstr = grads[1] if strain is not None else None
-        var_f = (gpos[2:] ** 2).sum(0) + self.settings.force_noise ** 2
+        var_f = (gpos[2:] ** 2).sum(0) + self.fit_noise[1] ** 2
         return Moments(
             energy=energy.detach(),
             forces=-gpos[0],
@@ -148,7 +154,7 @@ class LastLayerPosterior(Posterior):
         for _ in range(noise_iterations + 1):
             mu, cov, (rms_e, rms_f) = self._solve(blocks, theta0, prior_prec, se, sf)
             se, sf = max(rms_e, floor_e), max(rms_f, floor_f)
-        s.energy_noise, s.force_noise = se, sf
+        self.fit_noise = (se, sf)
         self.set_posterior(mu, cov)
         return {"energy_rmse": rms_e, "force_rmse": rms_f, "energy_noise": se, "force_noise": sf,
                 "n_frames": blocks[5][0]}
@@ -158,7 +164,7 @@ class LastLayerPosterior(Posterior):
         design ``blocks`` (summed :meth:`design` outputs of new frames), noise levels fixed."""
         prior_prec = torch.linalg.inv(prior_cov)
         mu, cov, (rms_e, rms_f) = self._solve(blocks, prior_mean, prior_prec,
-                                              self.settings.energy_noise, self.settings.force_noise,
+                                              self.fit_noise[0], self.fit_noise[1],
                                               prior_prec_mean=prior_prec @ prior_mean)
         self.set_posterior(mu, cov)
         return {"energy_rmse": rms_e, "force_rmse": rms_f, "n_frames": blocks[5][0],
@@ -186,8 +192,10 @@ class LastLayerPosterior(Posterior):
 
     # ------------------------------------------------------------------ model file
     def payload(self) -> dict:
-        return {"mean": self.mean.detach().cpu(), "cov": self.cov.detach().cpu(), "rank": self.rank}
+        return {"mean": self.mean.detach().cpu(), "cov": self.cov.detach().cpu(), "rank": self.rank,
+                "fit_noise": list(self.fit_noise)}
 
     @classmethod
     def from_payload(cls, backbone: Backbone, settings: PosteriorSettings, post: dict, **kw):
-        return cls(backbone, settings, post["mean"], post["cov"], rank=int(post.get("rank", 8)), **kw)
+        return cls(backbone, settings, post["mean"], post["cov"], rank=int(post.get("rank", 8)),
+                   fit_noise=post.get("fit_noise"), **kw)
