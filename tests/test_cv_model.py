@@ -7,10 +7,13 @@ here: both give sigma_E and its exact gradients through ``Posterior.predict``.
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -20,8 +23,8 @@ import pytest
 from rarefly import cv as rcv
 from rarefly import cv_service as cs
 from rarefly.prediction import Structure
-from test_cv_ipi import (colvar, data_lines, ipi_xml, prepare, read_frames, run_ipi,
-                         write_frames)
+from test_cv_ipi import (IPI, colvar, data_lines, ipi_env, ipi_xml, prepare, read_frames,
+                         run_ipi, write_frames)
 from test_cv_service import unique_endpoint
 
 pytestmark = pytest.mark.slow
@@ -210,3 +213,41 @@ def test_real_model_box_derivatives_match_the_strain_derivative(tmp_path, poster
     assert scale > 1e-4
     for a, b in [(0, 0), (1, 1), (2, 2), (0, 1), (1, 2)]:
         assert virial[a, b] == pytest.approx(fd[a, b], abs=1e-3 * scale), (a, b)
+
+
+def test_rarefly_driver_cv_serves_from_cache_and_its_death_stops_ipi(tmp_path, real_model):
+    """`rarefly driver --cv` with the real model: every CV request of a classical run is a
+    cache hit (the model runs once per step); SIGKILL on the driver stops i-PI (status 1,
+    the sentence naming the endpoint) within the CV timeout plus a few seconds."""
+    endpoint, socket = unique_endpoint(), f"rarefly-cvd-{os.getpid()}"
+    prepare(tmp_path, "metad.dat", socket=socket, steps=100000)
+    ipi = subprocess.Popen([str(IPI), "input.xml"], cwd=tmp_path,
+                           env=ipi_env(endpoint, timeout_s=3.0), stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "rarefly.cli", "driver", "--model", str(real_model),
+         "--template", str(tmp_path / "init.xyz"), "--pbc", "no", "-u", "-a", socket,
+         "--cv", "--cv-endpoint", endpoint, "-q"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=ipi_env(endpoint))
+    try:
+        deadline = time.monotonic() + 50
+        while not ((tmp_path / "sim.out").exists()
+                   and len(data_lines(tmp_path / "sim.out")) >= 8):
+            assert ipi.poll() is None and driver.poll() is None, driver.communicate()[0]
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        stats = json.loads(cs.request(endpoint, cs.encode_op("stats"), timeout_s=5)[0])
+        driver.send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        out = ipi.communicate(timeout=40)[0]
+        elapsed = time.monotonic() - killed
+    finally:
+        for proc in (driver, ipi):
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+    assert stats["requests"] >= 8 and stats["hits"] == stats["requests"]
+    assert stats["evaluations"] == 0
+    assert ipi.returncode == 1, out[-3000:]
+    assert elapsed < 3.0 + 10.0, elapsed
+    assert f"no answer from the rarefly driver at {endpoint} within 3 s" in out

@@ -333,7 +333,8 @@ class CVService:
         self.model_lock = model_lock if model_lock is not None else threading.Lock()
         self.cache = PredictionCache(cache_size)
         self.first_structure_wait_s = float(first_structure_wait_s)
-        self.stats = {"requests": 0, "hits": 0, "evaluations": 0, "errors": 0}
+        #: sigma requests, cache hits, model evaluations, error replies, ping/stats requests
+        self.stats = {"requests": 0, "hits": 0, "evaluations": 0, "errors": 0, "control": 0}
         self._template = template
         self._template_ready = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -429,9 +430,9 @@ class CVService:
 
     def handle(self, frames: Sequence[bytes]) -> list[bytes]:
         """Answer one request (frames in, frames out); never raises."""
-        self.stats["requests"] += 1
         try:
             op, positions, cell = decode_request(frames)
+            self.stats["requests" if op == "sigma" else "control"] += 1
             if op == "ping":
                 natoms = None if self._template is None else len(self._template.numbers)
                 return [json.dumps({"ok": True, "natoms": natoms,
