@@ -58,7 +58,7 @@ def write_frames(path: Path, symbols, frames) -> None:
 
 
 def ipi_xml(steps: int = STEPS, nbeads: int = 1, seed: int = 12345,
-            replay: str | None = None, socket: str | None = None) -> str:
+            replay: str | None = None, socket: str | None = None, batch: int = 1) -> str:
     """i-PI input: xTB physics (or a socket driver at the UNIX ``socket``), PLUMED as the
     bias (or, with ``replay``, as the only force).
 
@@ -69,7 +69,7 @@ def ipi_xml(steps: int = STEPS, nbeads: int = 1, seed: int = 12345,
             '<parameters>{template: init.xyz, method: GFN2-xTB}</parameters></ffdirect>')
     if socket:
         phys = (f'<ffsocket name="phys" mode="unix" pbc="false"><address>{socket}</address>'
-                '<latency>1e-4</latency></ffsocket>')
+                f'<latency>1e-4</latency><batch_size>{batch}</batch_size></ffsocket>')
     plumed = ('<ffplumed name="plumed"><file mode="xyz">init.xyz</file>'
               '<plumed_dat>plumed.dat</plumed_dat></ffplumed>')
     if replay:

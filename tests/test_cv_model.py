@@ -251,3 +251,42 @@ def test_rarefly_driver_cv_serves_from_cache_and_its_death_stops_ipi(tmp_path, r
     assert ipi.returncode == 1, out[-3000:]
     assert elapsed < 3.0 + 10.0, elapsed
     assert f"no answer from the rarefly driver at {endpoint} within 3 s" in out
+
+
+def test_rarefly_driver_cv_path_integrals_evaluate_the_centroid_once_per_step(tmp_path,
+                                                                            real_model):
+    """4 beads in one batch from i-PI, the bias on the centroid: every CV request is a new
+    centroid, evaluated once by the driver (no request for i-PI's second PLUMED call)."""
+    endpoint, socket = unique_endpoint(), f"rarefly-cvp-{os.getpid()}"
+    steps = 6
+    prepare(tmp_path, "metad.dat", socket=socket, steps=steps, nbeads=4, batch=4)
+    ipi = subprocess.Popen([str(IPI), "input.xml"], cwd=tmp_path, env=ipi_env(endpoint),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "rarefly.cli", "driver", "--model", str(real_model),
+         "--template", str(tmp_path / "init.xyz"), "--pbc", "no", "-u", "-a", socket,
+         "--cv", "--cv-endpoint", endpoint, "-q"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=ipi_env(endpoint))
+    stats = []
+    try:
+        deadline = time.monotonic() + 50
+        while ipi.poll() is None:  # the driver leaves with i-PI's EXIT: ask while it runs
+            assert time.monotonic() < deadline
+            try:
+                stats.append(json.loads(cs.request(endpoint, cs.encode_op("stats"), 1.0)[0]))
+            except TimeoutError:
+                pass
+            time.sleep(0.2)
+        out = ipi.communicate(timeout=10)[0]
+        driver.wait(20)
+    finally:
+        for proc in (driver, ipi):
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+    assert ipi.returncode == 0 and driver.returncode == 0, out[-2000:]
+    assert len(colvar(tmp_path / "COLVAR")["sigma"]) == steps
+    last = stats[-1]
+    # step 0: all beads start at init.xyz, so the centroid is a bead the driver just evaluated
+    assert last["requests"] >= steps - 1 and last["hits"] <= 1
+    assert last["evaluations"] + last["hits"] == last["requests"]  # one call per new centroid
