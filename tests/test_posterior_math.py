@@ -48,11 +48,12 @@ def _frames(n=6):
     return out
 
 
-@pytest.fixture(scope="module", params=["lastlayer", "sghmc"])
+@pytest.fixture(scope="module", params=["lastlayer", "lastlayer_rank0", "sghmc"])
 def posterior(request):
     bb = Backbone(random_mace())
-    if request.param == "lastlayer":
-        post = LastLayerPosterior.from_foundation(bb, PosteriorSettings(), rank=64)
+    if request.param.startswith("lastlayer"):
+        rank = 0 if request.param.endswith("rank0") else 64  # 64 >= features: exact force variance
+        post = LastLayerPosterior.from_foundation(bb, PosteriorSettings(), rank=rank)
         post.fit(_frames())
     else:
         post = SGHMCPosterior(bb, PosteriorSettings(), SGHMCConfig(num_samples=3, cycle_steps=6, batch_size=2))
