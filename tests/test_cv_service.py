@@ -8,6 +8,7 @@ Run as a script, this module serves that double (the i-PI tests kill it mid-run)
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 import time
@@ -88,7 +89,7 @@ def ethanol(cell: float | None = None) -> Structure:
 
 
 def unique_endpoint() -> str:
-    return f"ipc:///tmp/rarefly-cv-test-{__import__('os').getpid()}-{next(_ids)}"
+    return f"ipc:///tmp/rarefly-cv-test-{os.getpid()}-{next(_ids)}"
 
 
 @pytest.fixture
@@ -263,6 +264,7 @@ def test_endpoints():
     with cs.CVService(AnalyticSigma(ref), endpoint, template=ref):
         with pytest.raises(OSError, match="already answers"):
             cs.CVService(AnalyticSigma(ref), endpoint, template=ref).start()
+    assert not os.path.exists(endpoint[len("ipc://"):])  # the socket file goes with it
 
 
 def serve_double(endpoint: str) -> int:

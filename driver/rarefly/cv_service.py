@@ -427,6 +427,11 @@ class CVService:
         finally:
             sock.close()
             ctx.term()
+            if self.endpoint.startswith("ipc://"):  # zmq leaves the socket file behind
+                try:
+                    os.unlink(self.endpoint[len("ipc://"):])
+                except OSError:
+                    pass
 
     def handle(self, frames: Sequence[bytes]) -> list[bytes]:
         """Answer one request (frames in, frames out); never raises."""
