@@ -66,9 +66,14 @@ def decode(frames: list[bytes]) -> FrameMessage:
         raise MessageError(f"the header is not JSON ({exc})") from None
     if not isinstance(header, dict) or header.get("v") != VERSION or "frame_id" not in header:
         raise MessageError("the header is not a version-1 frame header with a frame_id")
-    n = int(header.get("natoms", -1))
+    n = header.get("natoms")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise MessageError(f"the header's natoms is {n!r}, not a number of atoms")
 
     def arr(buf, dtype, shape, what):
+        size = np.dtype(dtype).itemsize
+        if len(buf) % size:
+            raise MessageError(f"{what} is {len(buf)} bytes, not a whole number of {size}-byte values")
         a = np.frombuffer(buf, dtype=dtype)
         if a.size != int(np.prod(shape)):
             raise MessageError(f"{what} has {a.size} values, expected {int(np.prod(shape))}")
@@ -79,6 +84,15 @@ def decode(frames: list[bytes]) -> FrameMessage:
     numbers = arr(frames[1], "<i4", (n,), "atomic numbers")
     positions = arr(frames[2], "<f8", (n, 3), "positions")
     cell = arr(frames[3], "<f8", (3, 3), "cell") if header.get("periodic") else None
-    pbc = tuple(bool(p) for p in header.get("pbc", [False] * 3)) if cell is not None else (False,) * 3
+    pbc = header.get("pbc", [True] * 3) if cell is not None else [False] * 3
+    if not isinstance(pbc, list) or len(pbc) != 3:
+        raise MessageError(f"the header's pbc is {pbc!r}, not three true/false values")
+    pbc = tuple(bool(p) for p in pbc)
     forces = arr(frames[4], "<f8", (n, 3), "forces") if frames[4] else None
+    if header.get("origin") == "labelled":
+        e = header.get("ref_energy")
+        if isinstance(e, bool) or not isinstance(e, (int, float)) or not np.isfinite(e):
+            raise MessageError(f"a labelled frame needs a finite ref_energy, this one has {e!r}")
+        if forces is None:
+            raise MessageError("a labelled frame needs its reference forces, this one has none")
     return FrameMessage(Structure(numbers, positions, cell, pbc), header, forces)
