@@ -41,6 +41,27 @@ def _label_task(spec_dict, numbers, positions, cell, pbc):
     return label(ReferenceSpec(**spec_dict), numbers, positions, cell, pbc)
 
 
+_PDEATHSIG = """\
+import ctypes, os, signal, sys
+parent = int(sys.argv[1])
+if ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL)) != 0:  # PR_SET_PDEATHSIG
+    raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+if os.getppid() != parent:  # the parent died before prctl: nobody would signal us
+    sys.exit(1)
+os.execvp(sys.argv[2], sys.argv[2:])
+"""
+
+
+def _die_with_parent(cmd: list[str]) -> list[str]:
+    """``cmd`` run so that it is killed when this process dies (Linux; elsewhere unchanged)."""
+    import os
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return cmd
+    return [sys.executable, "-c", _PDEATHSIG, str(os.getpid()), *cmd]
+
+
 class Labeller:
     """Submit labelling tasks; ``submit`` returns a future with ``(energy, forces)``."""
 
@@ -73,9 +94,15 @@ class Labeller:
         if spec.kind == "local":
             from parsl.providers import LocalProvider
 
+            # A trainer killed with SIGKILL cannot shut Parsl down: its interchange would live
+            # on for ever, and the worker pool with it. The interchange gets the kernel's
+            # parent-death signal; the pool ends when the interchange is silent for
+            # heartbeat_threshold seconds (killing its workers), not Parsl's default 120 s.
             return HighThroughputExecutor(
                 label="rarefly_labels", address="127.0.0.1", loopback_address="127.0.0.1",
                 max_workers_per_node=spec.workers, cores_per_worker=1,
+                heartbeat_period=2, heartbeat_threshold=15,
+                interchange_launch_cmd=_die_with_parent(["interchange.py"]),
                 provider=LocalProvider(init_blocks=1, min_blocks=1, max_blocks=1,
                                        worker_init=spec.options.get("worker_init", "")))
         if spec.kind == "slurm":
@@ -88,6 +115,7 @@ class Labeller:
                                      "address of this machine that compute nodes can reach")
             return HighThroughputExecutor(label="rarefly_labels", address=address,
                                           max_workers_per_node=spec.workers,
+                                          interchange_launch_cmd=_die_with_parent(["interchange.py"]),
                                           provider=SlurmProvider(**opts))
         raise LabellingError(f"unknown labelling executor {spec.kind!r}; use local, threads or slurm")
 
