@@ -78,7 +78,8 @@ class Trainer:
         # resuming: labels stored but not yet in a published model are learned now
         for f in self.store.labelled_frames():
             row = self.store.db.get(id=f.info["row"])
-            if row.get("used_in_version") is None:
+            used = row.get("used_in_version")
+            if used is None or used > self.posterior.model_version:   # not in the model file
                 self._align_if_needed(f.structure, f.energy)
                 self._pending_cal.append(f)
                 self._new_frames.append(f)
@@ -128,6 +129,7 @@ class Trainer:
             origin = "flagged" if msg.origin == "labelled" else msg.origin
             row = self.store.add(msg.structure, frame_id=msg.frame_id, origin=origin, **meta)
             if row is not None and msg.origin == "labelled" and msg.ref_forces is not None:
+                self.dedup.add(msg.structure)       # labelled by the driver: a near-duplicate
                 self._record_label(row, msg.structure, float(h["ref_energy"]), msg.ref_forces,
                                    h.get("reference", "driver"))
             n += row is not None
@@ -215,10 +217,15 @@ class Trainer:
             stats = post.sample(frames, newest=len(new), cycles=self.cfg.sghmc_cycles)
         post.model_version += 1
         post.provenance["trainer_labels"] = self.labels_done()
+        # Rows are marked before the model is written (one transaction), and a restart
+        # relearns rows marked with a version newer than the model file's: a SIGKILL between
+        # the two neither drops a label from the posterior nor learns one twice.
+        with self.store.db:
+            for r in list(self.store.rows(state="labelled")):
+                u = r.get("used_in_version")
+                if u is None or u >= post.model_version:
+                    self.store.db.update(r.id, used_in_version=post.model_version)
         post.save(self.cfg.model)
-        for r in self.store.rows(state="labelled"):
-            if r.get("used_in_version") is None:
-                self.store.db.update(r.id, used_in_version=post.model_version)
         self._new_since_update = 0
         hold = self.holdout_errors()
         self._event("publish", model_version=post.model_version, labels=self.labels_done(),
