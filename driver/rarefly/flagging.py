@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import zlib
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -62,7 +63,9 @@ class FlaggingPredictor:
         self.policy = policy
         self.walker = walker
         self.reference = reference       # ReferenceSpec for guarantee mode
-        self.rng = np.random.default_rng(policy.seed + (hash(walker) % 1000))
+        # str hash() differs between processes (PYTHONHASHSEED); crc32 makes the audit sample
+        # a function of (seed, walker) as intended
+        self.rng = np.random.default_rng([policy.seed, zlib.crc32(walker.encode())])
         self.step = 0
         self.stats = {"flagged": 0, "audit": 0, "dropped": 0, "guaranteed": 0, "calls": 0}
         self._ctx = zmq.Context.instance()
