@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("rarefly.demo", "run the shipped demo: i-PI MD on the embedded model"),
     "cv-server": ("rarefly.cv_service", "serve the uncertainty CV to PLUMED (normally started by `driver`)"),
     "trainer": ("rarefly.trainer_cli", "label flagged frames and publish refined models (sidecar)"),
+    "run": ("rarefly.run", "on-the-fly learning in one command: i-PI, driver and trainer from a TOML config"),
 }
 
 EPILOG = """\

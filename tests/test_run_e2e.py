@@ -1,0 +1,106 @@
+"""`rarefly run` end to end: i-PI + driver + trainer from one config, the report, --restart.
+
+A tiny budget (2 reference calls with GFN2-xTB, then 1 more after the restart) keeps it
+under about a minute and a half on two shared cores.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+CONFIG = """\
+[system]
+structure = "{structure}"
+temperature = "600 K"
+timestep = "0.5 fs"
+steps = {steps}
+
+[model]
+file = "{model}"
+
+[learning]
+epsilon = "0.5 kcal/mol"
+audit_fraction = 0.2
+holdout_frames = 2
+
+[reference]
+calculator = "xtb"
+
+[budget]
+max_reference_calls = {calls}
+wall_time = "150 s"
+
+[output]
+directory = "run"
+"""
+
+PNGS = ("trajectory.png", "reference_calls.png", "calibration.png", "learning_curve.png")
+
+
+def _run(config, env, *extra):
+    return subprocess.run([sys.executable, "-m", "rarefly.cli", "run", str(config),
+                           "--no-progress", *extra],
+                          env=env, capture_output=True, text=True, timeout=240)
+
+
+def _events(run_dir):
+    return [json.loads(line) for line in open(run_dir / "frames.jsonl")]
+
+
+def _rows(run_dir):
+    from ase.db import connect
+
+    db = connect(str(run_dir / "frames.db"))
+    return [(r.frame_id, r.state) for r in db.select()]
+
+
+def test_run_learns_reports_and_restarts(tmp_path, model_file, ethanol_xyz, child_env):
+    config = tmp_path / "config.toml"
+    config.write_text(CONFIG.format(structure=ethanol_xyz, model=model_file, steps=3000, calls=2))
+    run_dir = tmp_path / "run"
+
+    first = _run(config, child_env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "reference budget spent" in first.stdout, first.stdout
+    assert f"rarefly run: report {run_dir / 'report.md'}" in first.stdout
+    page = (run_dir / "report.md").read_text()
+    for png in PNGS:
+        assert (run_dir / png).stat().st_size > 10_000, png
+        assert f"]({png})" in page
+    events = _events(run_dir)
+    labels = [e for e in events if e["event"] == "label"]
+    assert len(labels) == 2
+    assert [e for e in events if e["event"] == "publish"], "no model version published"
+    assert "| reference calls | 2 (" in page
+    rows_before = _rows(run_dir)
+    steps_before = json.loads((run_dir / "run.json").read_text())
+
+    # a second start without --restart refuses to overwrite the run
+    again = _run(config, child_env)
+    assert again.returncode == 1
+    assert "already holds a run; continue it with --restart" in again.stderr
+
+    config.write_text(CONFIG.format(structure=ethanol_xyz, model=model_file, steps=3000, calls=3))
+    second = _run(config, child_env, "--restart")
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "continuing in" in second.stdout
+    events = _events(run_dir)
+    starts = [e for e in events if e["event"] == "start"]
+    assert len(starts) == 2 and starts[1]["labelled"] == 2
+    assert len([e for e in events if e["event"] == "label"]) == 3
+    rows = _rows(run_dir)
+    ids = [frame_id for frame_id, _ in rows]
+    assert len(ids) == len(set(ids)), "a frame is stored twice"
+    assert {i for i, _ in rows_before} <= set(ids), "rows of the first run were lost"
+    labelled_before = {i for i, s in rows_before if s == "labelled"}
+    assert labelled_before <= {i for i, s in rows if s == "labelled"}
+    manifest = json.loads((run_dir / "run.json").read_text())
+    assert len(manifest["segments"]) == 2
+    assert manifest["segments"][1]["start_step"] > 0, "i-PI did not continue from RESTART"
+    assert len(steps_before["segments"]) == 1
