@@ -62,6 +62,35 @@ def _die_with_parent(cmd: list[str]) -> list[str]:
     return [sys.executable, "-c", _PDEATHSIG, str(os.getpid()), *cmd]
 
 
+# Runs the worker pool and, once a second, checks that the trainer is alive; when it is gone,
+# kills the pool's whole process group (the local provider gives each block one: the pool,
+# its workers and this watchdog), also workers in the middle of a task. Text for bash and
+# for Parsl's str.format: no braces, no single quotes, no dollar signs.
+_WATCHDOG = """import os, signal, subprocess, sys, time
+parent = int(sys.argv[1])
+pool = subprocess.Popen(sys.argv[2:])
+while pool.poll() is None:
+    try:
+        os.kill(parent, 0)
+    except ProcessLookupError:
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+    time.sleep(1)
+sys.exit(pool.returncode)
+"""
+
+
+def _pool_watched_by_this_process() -> str:
+    """Parsl's launch command of a local worker pool, run under :data:`_WATCHDOG`."""
+    import os
+    import shlex
+    import sys
+
+    from parsl.executors.high_throughput.executor import DEFAULT_LAUNCH_CMD
+
+    prefix = f"{shlex.quote(sys.executable)} -c '{_WATCHDOG}' {os.getpid()} "
+    return prefix.replace("{", "{{").replace("}", "}}") + DEFAULT_LAUNCH_CMD
+
+
 class Labeller:
     """Submit labelling tasks; ``submit`` returns a future with ``(energy, forces)``."""
 
@@ -94,15 +123,14 @@ class Labeller:
         if spec.kind == "local":
             from parsl.providers import LocalProvider
 
-            # A trainer killed with SIGKILL cannot shut Parsl down: its interchange would live
-            # on for ever, and the worker pool with it. The interchange gets the kernel's
-            # parent-death signal; the pool ends when the interchange is silent for
-            # heartbeat_threshold seconds (killing its workers), not Parsl's default 120 s.
+            # A trainer killed with SIGKILL cannot shut Parsl down: its interchange and worker
+            # pool would live on for ever (a pool that starts after its interchange died
+            # blocks for ever on its first receive). Both are tied to this process instead.
             return HighThroughputExecutor(
                 label="rarefly_labels", address="127.0.0.1", loopback_address="127.0.0.1",
                 max_workers_per_node=spec.workers, cores_per_worker=1,
-                heartbeat_period=2, heartbeat_threshold=15,
                 interchange_launch_cmd=_die_with_parent(["interchange.py"]),
+                launch_cmd=_pool_watched_by_this_process(),
                 provider=LocalProvider(init_blocks=1, min_blocks=1, max_blocks=1,
                                        worker_init=spec.options.get("worker_init", "")))
         if spec.kind == "slurm":
