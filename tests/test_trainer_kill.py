@@ -1,0 +1,260 @@
+"""SIGKILL the trainer while reference labels are in flight, restart it on the same database
+and model: no finished label is lost, nothing is labelled into the data set twice, the queue
+is resumed and a new model version is published.
+
+Real processes: `rarefly trainer` with Parsl local workers and a GFN2-xTB reference that
+sleeps after each calculation (``tests/_ref_calculators.py``), so that the kill lands while
+labels are being computed; the killed trainer's Parsl processes must not outlive it. A second
+test builds the states a kill can leave between storing labels and publishing a model, and
+checks which labels the restarted trainer learns."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from _ref_calculators import read_log, structure_key
+
+pytestmark = pytest.mark.slow
+
+N_FRAMES = 6
+SLEEP = 1.5          # seconds per reference call (xTB itself takes ~0.1 s for ethanol)
+
+
+def _frames(n):
+    from ase.io import read
+
+    from rarefly.foundation import DATA_DIR
+    from rarefly.prediction import Structure
+
+    base = read(DATA_DIR / "ethanol.xyz")
+    out = []
+    for k in range(n):
+        a = base.copy()
+        a.rattle(0.05, seed=200 + k)           # far apart for the near-duplicate filter
+        out.append(Structure.from_atoms(a))
+    return out
+
+
+def _push(endpoint, frames, walker="wK"):
+    """Send the frames as a driver would (flagged, decreasing sigma); returns the socket."""
+    import zmq
+
+    from rarefly.trainer.messages import FrameMessage, encode
+
+    sock = zmq.Context.instance().socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, 5000)
+    sock.connect(endpoint)
+    for k, s in enumerate(frames):
+        header = {"frame_id": f"{walker}-{k}", "origin": "flagged", "step": k, "walker": walker,
+                  "model_version": 1, "sigma_E": 1.0 - 0.1 * k, "sigma_E_raw": 0.1 - 0.01 * k,
+                  "confidence": 0.5, "pred_energy": 0.0}
+        sock.send_multipart(encode(FrameMessage(s, header)))
+    return sock
+
+
+def _db_rows(path):
+    """(state, frame_id, id, ref_energy, labelled_at) of every row; retried while locked."""
+    from ase.db import connect
+
+    for _ in range(50):
+        try:
+            db = connect(str(path), type="db")
+            return [(r.state, r.frame_id, r.id, r.get("ref_energy"), r.get("labelled_at"))
+                    for r in db.select()]
+        except Exception as exc:  # noqa: BLE001 - sqlite busy while the trainer writes
+            if "locked" not in str(exc) and "no such table" not in str(exc):
+                raise
+            time.sleep(0.1)
+    raise AssertionError(f"{path} stayed locked")
+
+
+def _events(path):
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+
+
+def _wait(predicate, timeout, proc, what):
+    t_end = time.time() + timeout
+    while time.time() < t_end:
+        value = predicate()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the trainer ended (status {proc.returncode}) before {what}:\n"
+                                 + proc.stdout.read()[-4000:])
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def _parsl_pids(session):
+    """Processes left by a trainer: everything in its session (it is started with a new one)
+    and Parsl's worker pools, which the local provider puts into process groups of their own."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[3]) == session and int(d.name) != os.getpid():   # field 6: session id
+            pids.append((int(d.name), cmd))
+    return pids
+
+
+def test_sigkill_during_labelling_loses_nothing_and_restart_resumes(tmp_path, model_file, child_env):
+    from rarefly.model_file import load_model_file
+
+    model = tmp_path / "model.rfly"
+    model.write_bytes(Path(model_file).read_bytes())
+    v0 = load_model_file(model)["model_version"]
+    db = tmp_path / "frames.db"
+    jsonl = tmp_path / "frames.jsonl"
+    calls = tmp_path / "calls.jsonl"
+    endpoint = f"ipc://{tmp_path}/learn"
+    env = dict(child_env, PYTHONPATH=os.pathsep.join(
+        [str(Path(__file__).parent)] + [p for p in [child_env.get("PYTHONPATH")] if p]))
+    cmd = [sys.executable, "-m", "rarefly.cli", "trainer", "--model", str(model), "--db", str(db),
+           "--endpoint", endpoint, "--reference", "_ref_calculators:LoggedXTB",
+           "--reference-option", f"sleep={SLEEP}", "--reference-option", f"log={calls}",
+           "--executor", "local", "--workers", "1", "--max-labels", str(N_FRAMES),
+           "--no-align", "--max-seconds", "80"]
+    frames = _frames(N_FRAMES)
+    keys = {structure_key(s.numbers, s.positions): f"wK-{k}" for k, s in enumerate(frames)}
+    t0 = time.time()
+    procs = []
+    try:
+        first = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        procs.append(first)
+        sock = _push(endpoint, frames)
+        # wait until one label is stored and more are being computed, then kill
+        _wait(lambda: (lambda st: st.count("labelled") >= 1 and st.count("labelling") >= 1)(
+            [r[0] for r in _db_rows(db)] if db.exists() else []), 60, first,
+            "a first label with more in flight")
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+        sock.close()
+        rows = _db_rows(db)
+        events = _events(jsonl)
+        labelled = {r[1]: r for r in rows if r[0] == "labelled"}
+        in_flight = [r[1] for r in rows if r[0] == "labelling"]
+        assert len(rows) == N_FRAMES                         # every pushed frame was stored
+        assert labelled and in_flight, rows
+        # every label the trainer finished (its "label" event follows the commit) is stored
+        done_rows = {e["row"] for e in events if e["event"] == "label"}
+        assert done_rows <= {r[2] for r in labelled.values()}, (done_rows, rows)
+        assert not any(e["event"] == "stop" for e in events)   # it really died
+        # its Parsl interchange and worker pool (with the label in progress) die with it
+        _wait(lambda: not _parsl_pids(first.pid), 10, None,
+              "the killed trainer's Parsl processes to end")
+
+        second = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        procs.append(second)
+        out, _ = second.communicate(timeout=max(10.0, 85 - (time.time() - t0)))
+        assert second.returncode == 0, out[-4000:]
+        # the trainer that stopped normally took its Parsl processes along
+        _wait(lambda: not _parsl_pids(second.pid), 10, None, "the trainer's Parsl processes to end")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            for pid, cmd in _parsl_pids(p.pid):      # leftovers of this test's trainers only
+                if "parsl" in cmd or "process_worker_pool" in cmd or "interchange" in cmd:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except OSError:
+                        pass
+    rows = _db_rows(db)
+    events = _events(jsonl)
+    starts = [e for e in events if e["event"] == "start"]
+    assert len(starts) == 2 and starts[1]["recovered"] == len(in_flight)
+    assert starts[1]["labelled"] == len(labelled)
+    # no frame twice, every frame labelled once, the first run's labels untouched
+    ids = [r[1] for r in rows]
+    assert len(ids) == len(set(ids)) == N_FRAMES
+    assert all(r[0] == "labelled" for r in rows), rows
+    for r in rows:
+        if r[1] in labelled:
+            assert r[3] == labelled[r[1]][3] and r[4] == labelled[r[1]][4]
+    # each stored energy is the reference's for that very structure
+    log = read_log(calls)
+    by_key = {}
+    for c in log:
+        by_key.setdefault(keys[c["key"]], []).append(c["energy"])
+    for r in rows:
+        assert r[3] == pytest.approx(by_key[r[1]][-1], abs=1e-8)
+    # only frames in flight at the kill may have been computed twice
+    twice = {fid for fid, es in by_key.items() if len(es) > 1}
+    assert twice <= set(in_flight)
+    assert sum(len(es) for es in by_key.values()) <= N_FRAMES + len(in_flight)
+    # label events (written after the commit; the kill may fall in between): at most one a
+    # row, every row labelled after the restart has one
+    label_rows = [e["row"] for e in events if e["event"] == "label"]
+    assert len(label_rows) == len(set(label_rows))
+    assert {r[2] for r in rows if r[1] not in labelled} <= set(label_rows)
+    # the restarted trainer published a model that the file holds
+    publishes = [e for e in events if e["event"] == "publish"]
+    assert publishes and publishes[-1]["labels"] == N_FRAMES
+    assert any(e["t"] > starts[1]["t"] for e in publishes)
+    v = load_model_file(model)
+    assert v["model_version"] == publishes[-1]["model_version"] > v0
+    assert v["provenance"]["trainer_labels"] == N_FRAMES
+    assert time.time() - t0 < 90
+
+
+def test_restart_relearns_exactly_the_labels_the_model_file_lacks(tmp_path, model_file):
+    """The states a SIGKILL can leave between storing labels and publishing: a label already
+    in the model file, one marked for a version whose file was never written, one stored but
+    not yet learned, one in flight. The restarted trainer learns the middle two, once."""
+    from rarefly.model_file import load_model_file
+    from rarefly.trainer.labelling import ExecutorSpec
+    from rarefly.trainer.loop import Trainer, TrainerConfig
+    from rarefly.trainer.reference import ReferenceSpec, label
+    from rarefly.trainer.store import FrameStore
+
+    model = tmp_path / "model.rfly"
+    model.write_bytes(Path(model_file).read_bytes())
+    v0 = load_model_file(model)["model_version"]
+    st = FrameStore(tmp_path / "frames.db")
+    ref = ReferenceSpec("xtb")
+    used = {"f0": v0, "f1": v0 + 1, "f2": None}
+    for k, s in enumerate(_frames(4)):
+        rid = st.add(s, frame_id=f"f{k}", origin="flagged")
+        if k < 3:
+            st.add_label(rid, *label(ref, s.numbers, s.positions), ref.describe())
+            if used[f"f{k}"] is not None:
+                st.db.update(rid, used_in_version=used[f"f{k}"])
+        else:
+            st.set_state(rid, "labelling")
+    del st
+    tr = Trainer(TrainerConfig(model=str(model), database=str(tmp_path / "frames.db"),
+                               endpoint=f"ipc://{tmp_path}/learn", reference=ref,
+                               executor=ExecutorSpec("threads"), align_energies=False))
+    try:
+        assert sorted(f.info["frame_id"] for f in tr._new_frames) == ["f1", "f2"]
+        assert len(tr._pending_cal) == 2
+        assert tr.store.count(state="queued") == 1 and tr.store.count(state="labelling") == 0
+        assert tr.maybe_update()
+        assert not tr.maybe_update()                      # nothing new: no second version
+    finally:
+        tr.close()
+    assert load_model_file(model)["model_version"] == v0 + 1
+    st = FrameStore(tmp_path / "frames.db")
+    assert {r.frame_id: r.get("used_in_version") for r in st.rows(state="labelled")} == \
+        {"f0": v0, "f1": v0 + 1, "f2": v0 + 1}
+    start = [e for e in _events(tmp_path / "frames.jsonl") if e["event"] == "start"][0]
+    assert start["recovered"] == 1 and start["labelled"] == 3

@@ -1,0 +1,495 @@
+"""Unit tests of the trainer's parts and the driver-side flagging, without processes or models:
+frame messages, the frame store, selection, the flag policy, the reference registry and the
+model hot swap."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import types
+
+import numpy as np
+import pytest
+
+from rarefly.prediction import Prediction, Structure
+from rarefly.trainer.messages import FrameMessage, MessageError, decode, encode
+
+
+def _water(shift=(0.0, 0.0, 0.0)) -> Structure:
+    pos = np.array([[0.0, 0.0, 0.0], [0.96, 0.0, 0.0], [-0.24, 0.93, 0.0]]) + np.asarray(shift)
+    return Structure(np.array([8, 1, 1]), pos)
+
+
+def _ethanol() -> Structure:
+    from ase.io import read
+
+    from rarefly.foundation import DATA_DIR
+
+    return Structure.from_atoms(read(DATA_DIR / "ethanol.xyz"))
+
+
+def _header(**kw):
+    h = {"frame_id": "w0-1-5", "origin": "flagged", "step": 5, "walker": "w0", "model_version": 3,
+         "sigma_E": 0.12, "sigma_E_raw": 0.01, "confidence": 0.4, "pred_energy": -310.5}
+    h.update(kw)
+    return h
+
+
+# ------------------------------------------------------------------ messages
+
+def test_message_round_trip_molecule():
+    s = _water()
+    out = decode(encode(FrameMessage(s, _header())))
+    assert out.frame_id == "w0-1-5" and out.origin == "flagged"
+    np.testing.assert_array_equal(out.structure.numbers, s.numbers)
+    np.testing.assert_array_equal(out.structure.positions, s.positions)   # bit for bit
+    assert out.structure.cell is None and out.structure.pbc == (False, False, False)
+    assert out.ref_forces is None
+    assert out.header["sigma_E"] == 0.12 and out.header["step"] == 5 and out.header["natoms"] == 3
+
+
+def test_message_round_trip_periodic_with_reference_forces():
+    s = Structure(np.array([29, 29]), np.array([[0.0, 0.0, 0.0], [1.8, 1.8, 0.0]]),
+                  np.diag([3.6, 3.6, 3.6]) + np.array([[0, 0, 0], [0.1, 0, 0], [0, 0, 0]]),
+                  (True, True, False))
+    f = np.array([[0.1, -0.2, 0.3], [-0.1, 0.2, -0.3]])
+    out = decode(encode(FrameMessage(s, _header(origin="labelled", ref_energy=-7.5), f)))
+    assert out.origin == "labelled" and out.header["ref_energy"] == -7.5
+    np.testing.assert_array_equal(out.structure.cell, s.cell)
+    assert out.structure.pbc == (True, True, False)
+    np.testing.assert_array_equal(out.ref_forces, f)
+
+
+def _parts(**header):
+    return encode(FrameMessage(_water(), _header(**header)))
+
+
+@pytest.mark.parametrize("mutate, words", [
+    (lambda p: p[:4], "has 5 parts, this one has 4"),
+    (lambda p: p + [b""], "has 5 parts, this one has 6"),
+    (lambda p: [b"{not json"] + p[1:], "header is not JSON"),
+    (lambda p: [b"\xff\xfe"] + p[1:], "header is not JSON"),
+    (lambda p: [b"[1, 2]"] + p[1:], "frame_id"),
+    (lambda p: [json.dumps({"v": 1, "natoms": 3}).encode()] + p[1:], "frame_id"),
+    (lambda p: [json.dumps({"v": 2, "frame_id": "a", "natoms": 3}).encode()] + p[1:], "version-1"),
+    (lambda p: [p[0], p[1][:8]] + p[2:], "atomic numbers has 2 values, expected 3"),
+    (lambda p: [p[0], p[1], p[2][:-8]] + p[3:], "positions has 8 values, expected 9"),
+    (lambda p: p[:4] + [np.zeros(5).tobytes()], "forces has 5 values, expected 9"),
+    (lambda p: [p[0], p[1][:-1]] + p[2:], "atomic numbers"),            # not whole int32s
+    (lambda p: [p[0], p[1], p[2] + b"\x00"] + p[3:], "positions"),      # not whole float64s
+])
+def test_malformed_messages_are_one_sentence(mutate, words):
+    with pytest.raises(MessageError) as err:
+        decode(mutate(_parts()))
+    msg = str(err.value)
+    assert words in msg and "\n" not in msg
+
+
+def test_non_finite_positions_and_forces_are_refused():
+    bad = _water()
+    bad.positions[1, 2] = np.nan
+    with pytest.raises(MessageError, match="positions holds non-finite values"):
+        decode(encode(FrameMessage(bad, _header())))
+    f = np.zeros((3, 3))
+    f[0, 0] = np.inf
+    with pytest.raises(MessageError, match="forces holds non-finite values"):
+        decode(encode(FrameMessage(_water(), _header(origin="labelled", ref_energy=-1.0), f)))
+
+
+@pytest.mark.parametrize("header, words", [
+    ({"natoms": "three"}, "natoms"),
+    ({"natoms": -3}, "natoms"),
+    ({"origin": "labelled"}, "ref_energy"),                       # a label without its energy
+    ({"origin": "labelled", "ref_energy": float("nan")}, "ref_energy"),
+    ({"origin": "labelled", "ref_energy": "low"}, "ref_energy"),
+])
+def test_malformed_headers_are_message_errors(header, words):
+    parts = _parts()
+    h = json.loads(parts[0])
+    h.update(header)
+    parts[0] = json.dumps(h).encode()
+    if h.get("origin") == "labelled":
+        parts[4] = np.zeros((3, 3)).tobytes()
+    with pytest.raises(MessageError, match=words):
+        decode(parts)
+
+
+def test_periodic_header_needs_three_pbc_flags():
+    s = Structure(np.array([29]), np.zeros((1, 3)), np.eye(3) * 3.0, (True, True, True))
+    parts = encode(FrameMessage(s, _header()))
+    h = json.loads(parts[0])
+    h["pbc"] = [True, True]
+    parts[0] = json.dumps(h).encode()
+    with pytest.raises(MessageError, match="pbc"):
+        decode(parts)
+
+
+def test_labelled_message_without_forces_is_refused():
+    with pytest.raises(MessageError, match="forces"):
+        decode(encode(FrameMessage(_water(), _header(origin="labelled", ref_energy=-1.0))))
+
+
+# ------------------------------------------------------------------ frame store
+
+def test_frame_store_states_labels_and_recovery(tmp_path):
+    from rarefly.trainer.store import FrameStore
+
+    path = tmp_path / "sub" / "frames.db"
+    st = FrameStore(path)
+    a = st.add(_water(), frame_id="w0-1", origin="flagged", step=1, sigma_E=np.float64(0.3),
+               walker="w0", confidence=None)
+    b = st.add(_water((0.1, 0, 0)), frame_id="w0-2", origin="audit", step=2)
+    c = st.add(_water((0.2, 0, 0)), frame_id="w0-3", origin="flagged", step=3)
+    assert st.add(_water(), frame_id="w0-1", origin="flagged") is None          # duplicate id
+    assert st.count() == 3 and st.count(state="queued") == 3
+    row = st.db.get(id=a)
+    assert row.sigma_E == 0.3 and row.walker == "w0" and "confidence" not in row
+    # a labelled, b in flight when the process dies, c still queued
+    forces = np.arange(9.0).reshape(3, 3)
+    st.set_state(a, "labelling")
+    st.add_label(a, -470.25, forces, "xtb(method=GFN2-xTB)", energy_offset=1.5)
+    st.set_state(b, "labelling")
+    with pytest.raises(AssertionError):
+        st.set_state(c, "lost")
+    del st
+
+    st = FrameStore(path)                                       # reopened after the crash
+    assert st.count(state="labelling") == 1
+    assert st.recover() == 1
+    assert st.count(state="labelling") == 0 and st.count(state="queued") == 2
+    assert st.recover() == 0
+    frames = st.labelled_frames()
+    assert len(frames) == 1
+    f = frames[0]
+    assert f.energy == -470.25 and f.info["frame_id"] == "w0-1" and f.info["origin"] == "flagged"
+    np.testing.assert_array_equal(f.forces, forces)
+    np.testing.assert_array_equal(f.structure.positions, _water().positions)
+    row = st.db.get(id=a)
+    assert row.state == "labelled" and row.energy_offset == 1.5 and row.reference.startswith("xtb")
+    assert row.step == 1 and row.labelled_at > 0
+    assert st.labelled_frames(origin="audit") == []
+    # the labelled row is not queued again and its id still refuses a duplicate
+    assert st.add(_water(), frame_id="w0-1", origin="flagged") is None
+    assert {r.frame_id for r in st.rows(state="queued")} == {"w0-2", "w0-3"}
+
+
+def test_frame_store_keeps_periodic_structures(tmp_path):
+    from rarefly.trainer.store import FrameStore
+
+    s = Structure(np.array([29, 29]), np.array([[0.0, 0.0, 0.0], [1.8, 1.8, 0.0]]),
+                  np.eye(3) * 3.6, (True, True, True))
+    st = FrameStore(tmp_path / "f.db")
+    rid = st.add(s, frame_id="p", origin="flagged")
+    back = st.structure(st.db.get(id=rid))
+    np.testing.assert_allclose(back.cell, s.cell)
+    assert back.pbc == (True, True, True)
+    mol = st.structure(st.db.get(id=st.add(_water(), frame_id="m", origin="flagged")))
+    assert mol.cell is None and mol.pbc == (False, False, False)
+
+
+# ------------------------------------------------------------------ selection
+
+def _rotated_copy(s: Structure, seed=0) -> Structure:
+    from scipy.spatial.transform import Rotation
+
+    rng = np.random.default_rng(seed)
+    rot = Rotation.random(random_state=seed).as_matrix()
+    perm = np.arange(len(s.numbers))
+    hs = np.flatnonzero(s.numbers == 1)
+    perm[hs] = rng.permutation(hs)                      # swap like atoms
+    pos = s.positions @ rot.T + rng.normal(size=3) * 5.0
+    return Structure(s.numbers[perm], pos[perm])
+
+
+def test_deduplicator_sees_through_rotation_translation_permutation():
+    from rarefly.trainer.selection import Deduplicator
+
+    eth = _ethanol()
+    d = Deduplicator(0.02)
+    assert not d.is_duplicate(eth)
+    d.add(eth)
+    assert d.is_duplicate(eth)
+    for seed in range(3):
+        assert d.is_duplicate(_rotated_copy(eth, seed))
+    distorted = Structure(eth.numbers.copy(), eth.positions.copy())
+    distorted.positions[0] += [0.15, 0.0, 0.0]
+    assert not d.is_duplicate(distorted)
+    rattled = Structure(eth.numbers.copy(),
+                        eth.positions + np.random.default_rng(1).normal(scale=0.05, size=eth.positions.shape))
+    assert not d.is_duplicate(rattled)
+    # a different composition with the same number of atoms is never a duplicate
+    other = Structure(eth.numbers.copy(), eth.positions.copy())
+    other.numbers[0] = 7
+    assert not d.is_duplicate(other)
+    # tolerance: a tiny jiggle is below it
+    jiggle = Structure(eth.numbers, eth.positions + 1e-4)
+    assert d.is_duplicate(jiggle)
+
+
+def test_rank_puts_audit_first_then_decreasing_sigma():
+    from rarefly.trainer.selection import rank
+
+    rows = [{"id": 1, "origin": "flagged", "sigma_E_raw": 0.01},
+            {"id": 2, "origin": "audit", "sigma_E_raw": 0.001},
+            {"id": 3, "origin": "flagged", "sigma_E_raw": 0.05},
+            {"id": 4, "origin": "flagged", "sigma_E": 0.02},          # only the calibrated sigma
+            {"id": 5, "origin": "audit", "sigma_E_raw": 0.5},
+            {"id": 6, "origin": "flagged"}]                            # no sigma at all: last
+    assert [r["id"] for r in rank(rows)] == [2, 5, 3, 4, 1, 6]
+    assert rank([]) == []
+
+
+def test_rank_reads_ase_rows(tmp_path):
+    from rarefly.trainer.selection import rank
+    from rarefly.trainer.store import FrameStore
+
+    st = FrameStore(tmp_path / "f.db")
+    for i, (origin, sig) in enumerate([("flagged", 0.1), ("audit", 0.01), ("flagged", 0.3)]):
+        st.add(_water((0.1 * i, 0, 0)), frame_id=f"f{i}", origin=origin, sigma_E_raw=sig)
+    assert [r.frame_id for r in rank(st.rows(state="queued"))] == ["f1", "f2", "f0"]
+
+
+# ------------------------------------------------------------------ flag policy
+
+def _prediction(confidence=0.99, forces_sigma=(0.01, 0.02, 0.03)):
+    n = len(forces_sigma)
+    return Prediction(energy=-1.0, forces=np.zeros((n, 3)), stress=None, energy_sigma=0.01,
+                      forces_sigma=np.asarray(forces_sigma), energy_sigma_gradient=np.zeros((n, 3)),
+                      confidence=confidence, model_version=1)
+
+
+def test_flag_policy_level_and_force_threshold():
+    from rarefly.flagging import FlagPolicy
+
+    p = FlagPolicy()
+    assert p.level == 0.95 and p.mode == "async" and p.force_threshold is None
+    assert p.is_flagged(_prediction(confidence=0.94))
+    assert not p.is_flagged(_prediction(confidence=0.96))
+    assert not p.is_flagged(_prediction(confidence=0.99, forces_sigma=(5.0, 0.0, 0.0)))
+    strict = FlagPolicy(level=0.5, force_threshold=0.1)
+    assert not strict.is_flagged(_prediction(confidence=0.6, forces_sigma=(0.05, 0.1, 0.02)))
+    assert strict.is_flagged(_prediction(confidence=0.6, forces_sigma=(0.05, 0.11, 0.02)))
+    assert strict.is_flagged(_prediction(confidence=0.4))
+
+
+@pytest.mark.parametrize("kw, words", [
+    ({"mode": "sync"}, "flagging mode must be 'async' or 'guarantee', not 'sync'"),
+    ({"level": 1.5}, "confidence level must be between 0 and 1, not 1.5"),
+    ({"level": 0.0}, "confidence level must be between 0 and 1"),
+])
+def test_flag_policy_refuses_bad_settings(kw, words):
+    from rarefly.flagging import FlagPolicy
+
+    with pytest.raises(ValueError) as err:
+        FlagPolicy(**kw)
+    assert words in str(err.value)
+
+
+class _FixedPredictor:
+    """A predictor double: confidence taken from a list, one per call."""
+
+    model_version = 4
+    energy_offset = {1: 0.25, 8: -1.0}
+
+    def __init__(self, confidences):
+        self.confidences = list(confidences)
+
+    def predict(self, structures):
+        return [_prediction(confidence=self.confidences.pop(0)) for _ in structures]
+
+
+def test_flagging_predictor_sends_flagged_and_audit_frames(tmp_path):
+    import zmq
+
+    from rarefly.flagging import FlagPolicy, FlaggingPredictor
+
+    endpoint = f"ipc://{tmp_path}/learn"
+    pull = zmq.Context.instance().socket(zmq.PULL)
+    pull.setsockopt(zmq.LINGER, 0)
+    pull.bind(endpoint)
+    try:
+        fp = FlaggingPredictor(_FixedPredictor([0.5, 0.99, 0.2]), endpoint,
+                               FlagPolicy(audit_fraction=0.0), walker="wA")
+        preds = [fp.predict([_water((0.1 * i, 0, 0))])[0] for i in range(3)]
+        assert [p.extra["flagged"] for p in preds] == [True, False, True]
+        assert fp.stats["flagged"] == 2 and fp.stats["calls"] == 3 and fp.model_version == 4
+        msgs = []
+        while pull.poll(2000) and len(msgs) < 2:
+            msgs.append(decode(pull.recv_multipart()))
+        assert [m.header["step"] for m in msgs] == [1, 3]
+        assert all(m.origin == "flagged" and m.header["walker"] == "wA" for m in msgs)
+        assert msgs[0].header["confidence"] == 0.5 and msgs[0].header["model_version"] == 1
+        assert len({m.frame_id for m in msgs}) == 2
+        np.testing.assert_array_equal(msgs[1].structure.positions, _water((0.2, 0, 0)).positions)
+        fp.close()
+        # audit_fraction=1: every unflagged frame goes out as audit
+        fa = FlaggingPredictor(_FixedPredictor([0.99]), endpoint, FlagPolicy(audit_fraction=1.0))
+        assert fa.predict([_water()])[0].extra["flagged"] is False
+        assert pull.poll(2000)
+        assert decode(pull.recv_multipart()).origin == "audit"
+        assert fa.stats["audit"] == 1
+        fa.close()
+    finally:
+        pull.close()
+
+
+def test_audit_sample_depends_on_seed_and_walker_only(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("from rarefly.flagging import FlagPolicy, FlaggingPredictor as F; "
+            f"f = F(None, 'ipc://{tmp_path}/none', FlagPolicy(seed=3), walker='w1'); "
+            "print(list(f.rng.random(3))); f.close()")
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env=dict(os.environ, PYTHONHASHSEED=h)).stdout for h in ("1", "2")}
+    assert len(outs) == 1, outs
+
+
+def test_guarantee_mode_returns_reference_with_the_models_offset(tmp_path):
+    import zmq
+
+    from rarefly.flagging import FlagPolicy, FlaggingPredictor
+    from rarefly.trainer.reference import ReferenceSpec, label
+
+    endpoint = f"ipc://{tmp_path}/learn"
+    pull = zmq.Context.instance().socket(zmq.PULL)
+    pull.setsockopt(zmq.LINGER, 0)
+    pull.bind(endpoint)
+    with pytest.raises(ValueError, match="guarantee mode needs a reference"):
+        FlaggingPredictor(_FixedPredictor([]), endpoint, FlagPolicy(mode="guarantee"))
+    ref = ReferenceSpec("xtb")
+    water = _water()
+    e_ref, f_ref = label(ref, water.numbers, water.positions)
+    try:
+        fp = FlaggingPredictor(_FixedPredictor([0.1, 0.99]), endpoint,
+                               FlagPolicy(mode="guarantee", audit_fraction=0.0), reference=ref)
+        p = fp.predict([water])[0]
+        assert p.extra["reference"] is True and p.extra["flagged"] is True
+        assert p.energy == pytest.approx(e_ref + 2 * 0.25 - 1.0, abs=1e-9)   # offset of O + 2 H
+        np.testing.assert_allclose(p.forces, f_ref, atol=1e-9)
+        q = fp.predict([_water((0.05, 0, 0))])[0]
+        assert "reference" not in q.extra and q.energy == -1.0
+        assert fp.stats["guaranteed"] == 1
+        assert pull.poll(2000)
+        m = decode(pull.recv_multipart())
+        assert m.origin == "labelled" and m.header["ref_energy"] == pytest.approx(e_ref)
+        assert m.header["reference"] == ref.describe()
+        np.testing.assert_allclose(m.ref_forces, f_ref)
+        # after a hot swap (the driver replaces .inner) the new model's offset applies
+        swapped = _FixedPredictor([0.1])
+        swapped.energy_offset = {1: 0.5, 8: 0.0}
+        fp.inner = swapped
+        assert fp.predict([water])[0].energy == pytest.approx(e_ref + 1.0, abs=1e-9)
+        assert pull.poll(2000)
+        m2 = decode(pull.recv_multipart())
+        assert m2.frame_id != m.frame_id and m2.header["ref_energy"] == pytest.approx(e_ref)
+        fp.close()
+    finally:
+        pull.close()
+
+
+# ------------------------------------------------------------------ reference registry
+
+def _cu_cluster():
+    from ase.cluster import Octahedron
+
+    return Octahedron("Cu", 3)
+
+
+def test_emt_reference_on_a_copper_cluster():
+    from rarefly.trainer.reference import ReferenceSpec, check_reference, label
+
+    atoms = _cu_cluster()
+    spec = ReferenceSpec("emt")
+    check_reference(spec)
+    e, f = label(spec, atoms.numbers, atoms.positions)
+    from ase.calculators.emt import EMT
+
+    atoms.calc = EMT()
+    assert e == pytest.approx(atoms.get_potential_energy(), abs=1e-10)
+    assert f.shape == (len(atoms), 3) and np.isfinite(f).all()
+    np.testing.assert_allclose(f, atoms.get_forces(), atol=1e-10)
+    np.testing.assert_allclose(f.sum(axis=0), 0.0, atol=1e-8)      # no net force on a cluster
+    # periodic: the cell and pbc reach the calculator
+    bulk = __import__("ase.build", fromlist=["bulk"]).bulk("Cu", "fcc", a=3.6, cubic=True)
+    e_b, f_b = label(spec, bulk.numbers, bulk.positions, bulk.cell[:], (True, True, True))
+    bulk.calc = EMT()
+    assert e_b == pytest.approx(bulk.get_potential_energy(), abs=1e-10)
+
+
+def test_xtb_reference_and_import_path():
+    from rarefly.trainer.reference import ReferenceSpec, label
+
+    w = _water()
+    e, f = label(ReferenceSpec("xtb"), w.numbers, w.positions)
+    e2, f2 = label(ReferenceSpec("_ref_calculators:LoggedXTB"), w.numbers, w.positions)
+    assert e < -100 and e2 == pytest.approx(e, abs=1e-8)
+    np.testing.assert_allclose(f2, f, atol=1e-8)
+    e3, _ = label(ReferenceSpec("ase.calculators.emt:EMT"), w.numbers, w.positions)
+    assert np.isfinite(e3)
+    assert ReferenceSpec("xtb", {"method": "GFN1-xTB", "accuracy": 1.0}).describe() == \
+        "xtb(accuracy=1.0, method=GFN1-xTB)"
+
+
+@pytest.mark.parametrize("name, words", [
+    ("vasp", "unknown reference calculator 'vasp'; use one of emt, xtb, pyscf or an import path"),
+    ("no_such_module_xyz:Calc", "reference calculator 'no_such_module_xyz:Calc' cannot be imported"),
+    ("ase.calculators.emt:NoSuchClass", "cannot be imported"),
+])
+def test_bad_reference_names_are_one_sentence(name, words):
+    from rarefly.trainer.reference import ReferenceError, ReferenceSpec, check_reference
+
+    with pytest.raises(ReferenceError) as err:
+        check_reference(ReferenceSpec(name))
+    assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_reference_failure_on_a_structure_is_one_sentence():
+    from rarefly.trainer.reference import ReferenceError, ReferenceSpec, label
+
+    with pytest.raises(ReferenceError) as err:             # EMT has no parameters for uranium
+        label(ReferenceSpec("emt"), [92, 92], [[0, 0, 0], [2.5, 0, 0]])
+    assert str(err.value).startswith("reference emt() failed: ")
+
+
+# ------------------------------------------------------------------ model hot swap
+
+def _model(path, version):
+    from rarefly.model_file import save_model_file
+
+    save_model_file(path, {"model_version": version, "kind": "lastlayer", "weights": {}})
+
+
+def _loader(path):
+    from rarefly.model_file import load_model_file
+
+    return types.SimpleNamespace(model_version=load_model_file(path)["model_version"])
+
+
+def test_model_watcher_swaps_atomically_replaced_file_and_keeps_model_on_garbage(tmp_path, caplog):
+    from rarefly.hotswap import ModelWatcher
+
+    path = tmp_path / "model.rfly"
+    _model(path, 1)
+    swapped = []
+    w = ModelWatcher(str(path), _loader(path), _loader, on_swap=lambda m: swapped.append(m) or m)
+    first = w()
+    assert first.model_version == 1 and w() is first and w.swaps == 0      # unchanged file
+    _model(path, 2)                                                      # atomic rename
+    new = w()
+    assert new.model_version == 2 and w.swaps == 1 and swapped == [new]
+    assert w() is new
+    # a garbage file renamed into place: logged, current model kept
+    tmp = tmp_path / "garbage.tmp"
+    tmp.write_bytes(b"this is not a model" * 10)
+    os.replace(tmp, path)
+    with caplog.at_level(logging.WARNING, logger="rarefly.hotswap"):
+        assert w() is new
+    assert "could not be loaded" in caplog.text and "keeping model version 2" in caplog.text
+    assert w() is new and w.swaps == 1                                  # not retried every call
+    # the file disappearing keeps the model too, and a good file afterwards is picked up
+    path.unlink()
+    assert w() is new
+    _model(path, 3)
+    assert w().model_version == 3 and w.swaps == 2
