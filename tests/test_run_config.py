@@ -139,3 +139,30 @@ def test_cli_prints_one_sentence_and_exits_2(tmp_path, ethanol_xyz, child_env):
     assert lines == [f"rarefly run: [learning] epsilon = '1 kcal': unknown unit 'kcal'; use one "
                      f"of eV, meV, kcal/mol, kJ/mol, Ha, hartree"], proc.stderr
     assert not (tmp_path / "rarefly-run").exists()
+
+
+def test_a_file_that_is_not_a_model(tmp_path, ethanol_xyz):
+    fake = tmp_path / "model.rfly"
+    fake.write_text("not a model")
+    path = write(tmp_path, f'[model]\nfile = "{fake}"\n', ethanol_xyz)
+    fails(path, "[model] file", str(fake), "not a rarefly model file")
+
+
+def test_the_example_readme_documents_every_key():
+    from pathlib import Path
+
+    from rarefly.run_config import SECTIONS, field_docs
+
+    readme = (Path(__file__).parents[1] / "examples" / "onthefly" / "README.md").read_text()
+    for name, cls in SECTIONS.items():
+        assert f"**[{name}]**" in readme, name
+        for key in field_docs(cls):
+            assert f"| `{key}` |" in readme, f"[{name}] {key}"
+
+
+def test_the_example_config_is_valid():
+    from pathlib import Path
+
+    cfg = load_config(Path(__file__).parents[1] / "examples" / "onthefly" / "config.toml",
+                      check_code=False)
+    assert cfg.reference.calculator == "xtb" and cfg.budget.max_reference_calls

@@ -104,3 +104,34 @@ def test_run_learns_reports_and_restarts(tmp_path, model_file, ethanol_xyz, chil
     assert len(manifest["segments"]) == 2
     assert manifest["segments"][1]["start_step"] > 0, "i-PI did not continue from RESTART"
     assert len(steps_before["segments"]) == 1
+
+
+BROKEN_TEMPLATE = """<simulation verbosity="low">
+  ${output}
+  <total_steps>${steps}</total_steps>
+  ${forcefields}
+  <system>
+    <initialize nbeads="${beads}"><file mode="ase">${structure}</file>${cell}</initialize>
+    <forces><force forcefield="rarefly"/></forces>
+    <motion mode="no-such-motion"/>
+  </system>
+</simulation>
+"""
+
+
+def test_a_failing_process_stops_the_run_with_one_sentence(tmp_path, model_file, ethanol_xyz,
+                                                            child_env):
+    template = tmp_path / "broken.xml.in"
+    template.write_text(BROKEN_TEMPLATE)
+    config = tmp_path / "config.toml"
+    config.write_text(CONFIG.format(structure=ethanol_xyz, model=model_file, steps=100, calls=2)
+                      .replace('steps = 100\n', f'steps = 100\nipi_template = "{template}"\n'))
+    proc = _run(config, child_env)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    run_dir = tmp_path / "run"
+    assert f"rarefly run: i-PI stopped with exit code 1" in proc.stderr, proc.stderr
+    assert f"see {run_dir / 'ipi.log'}" in proc.stderr
+    manifest = json.loads((run_dir / "run.json").read_text())
+    assert manifest["segments"][0]["failure"].startswith("i-PI stopped")
+    left = subprocess.run(["pgrep", "-f", str(run_dir)], capture_output=True, text=True)
+    assert left.stdout.strip() == "", "processes of the run are still alive"

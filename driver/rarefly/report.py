@@ -232,7 +232,8 @@ class RunData:
 
     def versions(self) -> tuple[int | None, int | None]:
         vs = [int(e["model_version"]) for e in self.events
-              if e["event"] in ("start", "holdout", "publish") and e.get("model_version") is not None]
+              if e["event"] in ("start", "holdout", "publish")
+              and e.get("model_version") is not None]
         return (min(vs), max(vs)) if vs else (None, None)
 
     def holdout_curve(self) -> list[tuple[int, float, float]]:
@@ -321,7 +322,8 @@ def _plot_trajectory(data: RunData, path: Path) -> str | None:
         ax.plot(t, sigma, lw=0.8, color="tab:blue", label=r"$\sigma_E$")
         if data.extras.shape[1] >= 4:
             flag = data.extras[:, 3] > 0.5
-            ax.plot(t[flag], sigma[flag], "o", ms=3, color="tab:red", label="flagged")
+            if flag.any():
+                ax.plot(t[flag], sigma[flag], "o", ms=3, color="tab:red", label="flagged")
             versions = data.extras[:, 2]
             changes = np.flatnonzero(np.diff(versions) != 0) + 1
             span = max(float(t[-1] - t[0]), 1e-12)
@@ -343,8 +345,10 @@ def _plot_trajectory(data: RunData, path: Path) -> str | None:
     ax.set_title("Energy uncertainty along the trajectory (dotted: new model version in use)",
                  fontsize=10)
     if cvs and "time" in data.colvar:
+        # i-PI's <ffplumed> sets PLUMED's time step to 1: COLVAR's time is the MD step
+        t_cv = _time_ps(data, data.colvar["time"])
         for name in cvs[:2]:
-            bx.plot(data.colvar["time"], data.colvar[name], lw=0.8, label=name)
+            bx.plot(t_cv, data.colvar[name], lw=0.8, label=name)
         bx.set_ylabel("physical CV (PLUMED units)")
         bx.legend(loc="upper left", fontsize=8)
     elif "potential" in data.props:
@@ -494,10 +498,10 @@ def _markdown(data: RunData, figures: dict) -> str:
         ("configuration", f"`{m.get('config', '-')}`"),
         ("MD steps done", f"{steps} of {m.get('steps', '-')}"
          + (f" ({sim_ps:.3f} ps)" if sim_ps is not None else "")),
-        ("invocations", "; ".join(f"{i + 1}: from step {s.get('start_step', 0)}, "
-                                  f"{_fmt(s.get('ended', time.time()) - s['started'], digits=0)} s, "
-                                  f"{s.get('reason', 'running')}" for i, s in enumerate(segs))
-         or "-"),
+        ("invocations", "; ".join(
+            f"{i + 1}: from step {s.get('start_step', 0)}, "
+            f"{_fmt(s.get('ended', time.time()) - s['started'], digits=0)} s, "
+            f"{s.get('reason', 'running')}" for i, s in enumerate(segs)) or "-"),
         ("frames flagged by the driver", f"{n_flag} of {len(data.extras_steps)} steps "
          f"(confidence < {m.get('level', '-')})"),
         ("reference calls", f"{len(data.labels)} ({len(flagged)} flagged, {len(audit)} audit"

@@ -50,8 +50,8 @@ TEMPLATE = Path(__file__).parent / "data" / "run_template.xml.in"
 EXTRAS = ("energy_uncertainty", "confidence", "model_version", "flagged")
 #: Angstrom; the box i-PI needs for a molecule (the forcefield ignores it: pbc="false")
 MOLECULE_BOX = 20.0
-#: amplitude (Angstrom) of the random displacements of generated held-out frames
-HOLDOUT_RATTLE = 0.05
+#: MD steps on the reference between two generated held-out frames
+HOLDOUT_STRIDE = 40
 
 
 class RunError(RuntimeError):
@@ -195,7 +195,13 @@ def prepare_model(cfg: RunConfig, files: Files, fresh: bool) -> None:
 
 
 def prepare_holdout(cfg: RunConfig, files: Files, atoms) -> Path | None:
-    """The held-out reference frames: the user's file, or generated once (rattled copies)."""
+    """The held-out reference frames: the user's file, or generated once.
+
+    Generated frames are snapshots, every :data:`HOLDOUT_STRIDE` steps, of a Langevin MD on
+    the reference itself at [system] temperature from the starting structure: frames like
+    those the run visits (random displacements are far from them), for
+    ``holdout_frames * HOLDOUT_STRIDE`` reference calls: a few seconds with xTB.
+    """
     if cfg.learning.holdout_file is not None:
         return cfg.learning.holdout_file
     n = cfg.learning.holdout_frames
@@ -203,23 +209,34 @@ def prepare_holdout(cfg: RunConfig, files: Files, atoms) -> Path | None:
         return None
     if files.holdout.exists():
         return files.holdout
+    import numpy as np
+    from ase import units
     from ase.io import write
+    from ase.md.langevin import Langevin
 
-    from rarefly.trainer.reference import ReferenceError, ReferenceSpec, label
+    from rarefly.trainer.reference import ReferenceSpec, make_calculator
 
-    spec = ReferenceSpec(cfg.reference.calculator, dict(cfg.reference.options))
+    print(f"rarefly run: labelling {n} held-out frames (a short Langevin MD on the reference)",
+          flush=True)
+    md = atoms.copy()
+    md.calc = make_calculator(ReferenceSpec(cfg.reference.calculator,
+                                            dict(cfg.reference.options)))
+    rng = np.random.default_rng(cfg.system.seed)
+    kT = units.kB * cfg.system.temperature
+    md.set_momenta(rng.normal(size=(len(md), 3)) * np.sqrt(md.get_masses() * kT)[:, None])
+    dyn = Langevin(md, cfg.system.timestep * units.fs, temperature_K=cfg.system.temperature,
+                   friction=0.02, fixcm=False, rng=rng)
     frames = []
-    for k in range(n):
-        a = atoms.copy()
-        a.rattle(HOLDOUT_RATTLE, seed=cfg.system.seed + 1000 + k)
-        try:
-            e, f = label(spec, a.numbers, a.positions, a.cell if any(a.pbc) else None, a.pbc)
-        except ReferenceError as exc:
-            raise RunError(f"labelling the held-out frames failed: {exc}") from None
-        a.calc = None
-        a.info["REF_energy"] = e
-        a.arrays["REF_forces"] = f
-        frames.append(a)
+    try:
+        for _ in range(n):
+            dyn.run(HOLDOUT_STRIDE)
+            frame = md.copy()
+            frame.info["REF_energy"] = float(md.get_potential_energy())
+            frame.arrays["REF_forces"] = np.asarray(md.get_forces(), dtype=float)
+            frames.append(frame)
+    except Exception as exc:  # noqa: BLE001 - the reference's own error, in one sentence
+        raise RunError(f"labelling the held-out frames with the reference failed "
+                       f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
     tmp = files.holdout.with_suffix(".tmp.xyz")
     write(tmp, frames, format="extxyz")
     os.replace(tmp, files.holdout)
@@ -271,9 +288,13 @@ class Child:
     def poll(self):
         return self.proc.poll()
 
-    def signal(self, sig: int) -> None:
+    def signal(self, sig: int, group: bool = True) -> None:
+        """``sig`` to the process group (or only to the process)."""
         try:
-            os.killpg(self.proc.pid, sig)
+            if group:
+                os.killpg(self.proc.pid, sig)
+            else:
+                os.kill(self.proc.pid, sig)
         except (ProcessLookupError, PermissionError):
             pass
 
@@ -285,7 +306,8 @@ class Child:
             return False
 
     def stop(self, sig: int, grace: float) -> None:
-        """``sig`` to the process group, SIGKILL after ``grace`` seconds."""
+        """``sig`` to the process group if it still runs, SIGKILL after ``grace`` seconds;
+        closes the log."""
         if self.poll() is None:
             self.signal(sig)
             if not self.wait(grace):
@@ -306,6 +328,12 @@ class Child:
         return text if len(text) <= 300 else text[:297] + "..."
 
     def died(self, code: int) -> str:
+        if code < 0:
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = f"signal {-code}"
+            return f"{self.label} was killed by {name}; see {self.log}"
         words = self.last_words()
         said = f' ("{words}")' if words else ""
         return f"{self.label} stopped with exit code {code}{said}; see {self.log}"
@@ -473,19 +501,26 @@ class OnTheFlyRun:
             time.sleep(poll)
 
     def stop(self) -> None:
-        """i-PI softly (SIGINT: RESTART written, EXIT sent), then the driver and the trainer."""
+        """i-PI softly (SIGINT: RESTART written, EXIT sent to the driver) and the trainer
+        (SIGTERM: it finishes the label in hand, then shuts Parsl down) at once; then wait."""
         ipi, driver, trainer = (self.children.get(k) for k in ("ipi", "driver", "trainer"))
+        t0 = time.monotonic()
+        if ipi is not None and ipi.poll() is None:
+            ipi.signal(signal.SIGINT)
+        budget = self.status is not None and self.status.poll()["budget"]
+        if trainer is not None and trainer.poll() is None and not budget:
+            # to the trainer only: it shuts its Parsl interchange (same group) down itself
+            trainer.signal(signal.SIGTERM, group=False)
         if ipi is not None:
-            ipi.stop(signal.SIGINT, grace=30.0)
+            ipi.wait(30.0)
+            ipi.stop(signal.SIGKILL, grace=5.0)
         if driver is not None:
             if driver.poll() is None:
-                driver.wait(10.0)  # i-PI's soft exit sent EXIT
+                driver.wait(10.0)
             driver.stop(signal.SIGTERM, grace=10.0)
         if trainer is not None:
-            if trainer.poll() is None:  # after the budget it exits by itself
-                budget = self.status is not None and self.status.poll()["budget"]
-                trainer.wait(15.0 if budget else 0.0)
-            trainer.stop(signal.SIGTERM, grace=20.0)
+            trainer.wait(max(0.0, 30.0 - (time.monotonic() - t0)))
+            trainer.stop(signal.SIGKILL, grace=5.0)
         for endpoint in (self.learn_endpoint, self.cv_endpoint):
             try:
                 os.unlink(endpoint[len("ipc://"):])
@@ -500,7 +535,8 @@ class OnTheFlyRun:
         self.prepare()
         what = "continuing" if self.restart else "starting"
         print(f"rarefly run: {what} in {f.root} at step {self.start_step} of {cfg.system.steps}; "
-              f"logs {f.log('ipi').name}, {f.log('driver').name}, {f.log('trainer').name}")
+              f"logs {f.log('ipi').name}, {f.log('driver').name}, {f.log('trainer').name}",
+              flush=True)
         started = time.monotonic()
         why, failure = "interrupted", None
         previous = signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -549,10 +585,12 @@ def _show(bar, s: dict, cfg: RunConfig) -> None:
 
 
 def _write_report(cfg: RunConfig) -> Path | None:
-    from rarefly.report import write_report
+    from rarefly.report import ReportError, write_report
 
     try:
         return write_report(cfg.output.directory)
+    except ReportError:  # nothing to report on (a run that failed at its start)
+        return None
     except Exception as exc:  # noqa: BLE001 - the run's result stands without a report
         print(f"rarefly run: the report could not be written ({type(exc).__name__}: {exc})",
               file=sys.stderr)

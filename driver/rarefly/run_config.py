@@ -130,8 +130,9 @@ class LearningConfig:
     """Optional extxyz of held-out reference frames (REF_energy, REF_forces) whose errors
     the trainer logs for every model version (the report's learning curve)."""
     holdout_frames: int = 0
-    """When no holdout_file: label this many randomly displaced copies of the structure with
-    the reference at the start, as the held-out set (not counted in the budget; default 0)."""
+    """When no holdout_file: generate this many held-out frames at the start, snapshots of a
+    short Langevin MD on the reference itself at [system] temperature (40 reference calls
+    per frame, not counted in the budget: for cheap references; default 0)."""
 
 
 @dataclass
@@ -311,12 +312,11 @@ def _path(value, where, base):
 
 def quantity(value, units: dict[str, float], default_unit: str, where: str) -> float:
     """``"0.5 kcal/mol"`` (or a plain number, in ``default_unit``) times its unit's factor."""
-    if isinstance(value, bool):
-        raise ConfigError(f"{where} must be a quantity such as \"1.0 {default_unit}\", not {value!r}")
-    if isinstance(value, (int, float)):
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value) * units[default_unit]
     if not isinstance(value, str):
-        raise ConfigError(f"{where} must be a quantity such as \"1.0 {default_unit}\", not {value!r}")
+        raise ConfigError(f"{where} must be a quantity such as \"1.0 {default_unit}\", "
+                          f"not {value!r}")
     number, _, unit = value.strip().partition(" ")
     unit = unit.strip() or default_unit
     try:
@@ -457,6 +457,13 @@ def validate(cfg: RunConfig, *, check_code: bool = True) -> None:
                                       f"${{{name}}} placeholder that the [bias] needs")
     if cfg.model.file is not None:
         _exists(cfg.model.file, "[model] file")
+        if check_code:
+            from rarefly.model_file import ModelFileError, load_model_file
+
+            try:
+                load_model_file(cfg.model.file)
+            except ModelFileError as exc:
+                raise ConfigError(f"[model] file: {exc}") from None
     if cfg.bias.plumed_file is not None:
         _exists(cfg.bias.plumed_file, "[bias] plumed_file")
     if cfg.learning.holdout_file is not None:
