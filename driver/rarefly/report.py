@@ -172,7 +172,7 @@ class LiveStatus:
         self._events = _Tail(files.events)
         self._extras = _Tail(files.extras)
         self.state = {"step": 0, "flagged": 0, "labelled": 0, "version": None, "audit": 0,
-                      "coverage": float("nan"), "budget": False,
+                      "coverage": float("nan"), "started": False, "budget": False,
                       "stopped": False}
         self._within = 0
 
@@ -200,8 +200,8 @@ class LiveStatus:
                     s["coverage"] = self._within / s["audit"]
             elif kind in ("start", "publish", "stop") and e.get("model_version") is not None:
                 s["version"] = int(e["model_version"])
-            elif kind in ("budget", "stop") and e.get("t", 0.0) >= self.since:
-                s["budget" if kind == "budget" else "stopped"] = True
+            if kind in ("start", "budget", "stop") and e.get("t", 0.0) >= self.since:
+                s[{"start": "started", "budget": "budget", "stop": "stopped"}[kind]] = True
         s["step"] = max(s["step"], last_step(self.files.properties))
         return dict(s)
 
@@ -327,16 +327,22 @@ def _plot_trajectory(data: RunData, path: Path) -> str | None:
             versions = data.extras[:, 2]
             changes = np.flatnonzero(np.diff(versions) != 0) + 1
             span = max(float(t[-1] - t[0]), 1e-12)
-            shown = -np.inf
             for i in changes:
                 for a in (ax, bx):
                     a.axvline(t[i], color="0.5", ls=":", lw=0.8)
-                # label a change when there is room, and always the last one
-                if (t[i] - shown) / span > 0.06 or i == changes[-1]:
-                    ax.annotate(f"v{int(versions[i])}", (t[i], 1.0),
-                                xycoords=("data", "axes fraction"), xytext=(2, -10),
-                                textcoords="offset points", fontsize=8, color="0.3")
-                    shown = t[i]
+            # one label per cluster of changes closer than 6 % of the time axis
+            clusters: list[list[int]] = []
+            for i in changes:
+                if clusters and (t[i] - t[clusters[-1][-1]]) / span < 0.06:
+                    clusters[-1].append(i)
+                else:
+                    clusters.append([i])
+            for c in clusters:
+                first, last = int(versions[c[0]]), int(versions[c[-1]])
+                text = f"v{first}" if first == last else f"v{first}-v{last}"
+                ax.annotate(text, (t[c[0]], 1.0), xycoords=("data", "axes fraction"),
+                            xytext=(2, -10), textcoords="offset points", fontsize=8,
+                            color="0.3", ha="right" if t[c[0]] - t[0] > 0.9 * span else "left")
         if data.epsilon:
             ax.axhline(data.epsilon * 1000.0, color="tab:green", ls="--", lw=0.8,
                        label=r"$\epsilon$")

@@ -468,8 +468,11 @@ class OnTheFlyRun:
         ipi_env = _child_env(RAREFLY_CV_ENDPOINT=self.cv_endpoint)
         self.children["ipi"] = Child("ipi", "i-PI", _ipi_command() + [f.ipi_input.name], f,
                                      ipi_env)
-        self.children["driver"] = Child("driver", "the driver", self.driver_command(), f,
-                                        _child_env())
+
+    def start_driver(self) -> None:
+        """The driver, once the trainer listens: no step runs before learning can happen."""
+        self.children["driver"] = Child("driver", "the driver", self.driver_command(),
+                                        self.files, _child_env())
 
     # -------------------------------------------------------------- supervision
     def supervise(self, bar=None, poll: float = 0.5) -> tuple[str, str | None]:
@@ -477,17 +480,21 @@ class OnTheFlyRun:
         status = self.status = LiveStatus(self.files, since=self.started_at)
         wall = self.cfg.budget.wall_time
         deadline = None if wall is None else time.monotonic() + wall
-        ipi, driver, trainer = (self.children[k] for k in ("ipi", "driver", "trainer"))
+        ipi, trainer = self.children["ipi"], self.children["trainer"]
+        driver = None
         while True:
+            state = status.poll()
             if bar is not None:
-                _show(bar, status.poll(), self.cfg)
+                _show(bar, state, self.cfg)
+            if driver is None and state["started"]:
+                self.start_driver()
+                driver = self.children["driver"]
             code = ipi.poll()
             if code is not None:
                 return ("steps done", None) if code == 0 else ("failed", ipi.died(code))
-            code = driver.poll()
+            code = driver.poll() if driver is not None else None
             if code is not None:
                 return "failed", driver.died(code)
-            state = status.poll()
             if state["budget"]:  # the trainer still tidies up (Parsl); stop() waits for it
                 return "reference budget spent", None
             code = trainer.poll()
