@@ -290,7 +290,12 @@ class DriverWatchdog:
 
 
 def _under_ipi() -> bool:
-    return "ipi.utils.softexit" in sys.modules
+    """Inside the ``i-pi`` program (not merely a process that imported ipi, such as a test
+    runner: the watchdog ends its process). ``RAREFLY_CV_WATCHDOG=1`` forces it on."""
+    if "ipi.utils.softexit" not in sys.modules:
+        return False
+    return (os.environ.get(ENV_WATCHDOG) == "1"
+            or os.path.basename(sys.argv[0] if sys.argv else "").startswith("i-pi"))
 
 
 def _ipi_exiting() -> bool:
