@@ -481,6 +481,7 @@ class OnTheFlyRun:
         wall = self.cfg.budget.wall_time
         deadline = None if wall is None else time.monotonic() + wall
         ipi, trainer = self.children["ipi"], self.children["trainer"]
+        budget = self.cfg.budget.max_reference_calls
         driver = None
         while True:
             state = status.poll()
@@ -496,6 +497,10 @@ class OnTheFlyRun:
             if code is not None:
                 return "failed", driver.died(code)
             if state["budget"]:  # the trainer still tidies up (Parsl); stop() waits for it
+                return "reference budget spent", None
+            if (self.cfg.learning.mode == "guarantee" and budget is not None
+                    and state["labelled"] >= budget):
+                # the driver labels flagged steps itself: the trainer cannot hold it back
                 return "reference budget spent", None
             code = trainer.poll()
             if code is not None:
