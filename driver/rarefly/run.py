@@ -50,6 +50,8 @@ TEMPLATE = Path(__file__).parent / "data" / "run_template.xml.in"
 EXTRAS = ("energy_uncertainty", "confidence", "model_version", "flagged")
 #: Angstrom; the box i-PI needs for a molecule (the forcefield ignores it: pbc="false")
 MOLECULE_BOX = 20.0
+#: how often a trainer that left its loop early is started again
+MAX_TRAINER_RESTARTS = 2
 #: MD steps on the reference between two generated held-out frames
 HOLDOUT_STRIDE = 40
 
@@ -356,6 +358,7 @@ class OnTheFlyRun:
         self.children: dict[str, Child] = {}
         self.start_step = 0
         self.started_at = time.time()
+        self.trainer_restarts = 0
         self.status: LiveStatus | None = None
 
     # -------------------------------------------------------------- preparation
@@ -463,11 +466,15 @@ class OnTheFlyRun:
         if self.cfg.labelling.options and not _trainer_takes("--executor-option"):
             raise RunError("[labelling] options cannot be passed on: this rarefly's trainer "
                            "has no --executor-option")
-        self.children["trainer"] = Child("trainer", "the trainer", self.trainer_command(), f,
-                                         _child_env())
+        self.start_trainer()
         ipi_env = _child_env(RAREFLY_CV_ENDPOINT=self.cv_endpoint)
         self.children["ipi"] = Child("ipi", "i-PI", _ipi_command() + [f.ipi_input.name], f,
                                      ipi_env)
+
+    def start_trainer(self) -> Child:
+        self.children["trainer"] = Child("trainer", "the trainer", self.trainer_command(),
+                                         self.files, _child_env())
+        return self.children["trainer"]
 
     def start_driver(self) -> None:
         """The driver, once the trainer listens: no step runs before learning can happen."""
@@ -503,11 +510,23 @@ class OnTheFlyRun:
                 # the driver labels flagged steps itself: the trainer cannot hold it back
                 return "reference budget spent", None
             code = trainer.poll()
-            if code is not None:
+            if code not in (None, 0):
                 return "failed", trainer.died(code)
-            if state["stopped"]:
-                return "failed", (f"the trainer left its loop without reaching the budget "
-                                  f"(\"{trainer.last_words()}\"); see {trainer.log}")
+            if state["stopped"] or code == 0:
+                # it left its loop before the budget without an error (seen once: a SIGTERM
+                # from outside); it resumes from the database, so start it again
+                if self.trainer_restarts >= MAX_TRAINER_RESTARTS:
+                    return "failed", (f"the trainer stopped before the budget "
+                                      f"{self.trainer_restarts + 1} times "
+                                      f"(\"{trainer.last_words()}\"); see {trainer.log}")
+                self.trainer_restarts += 1
+                print("\nrarefly run: the trainer stopped before the budget; starting it "
+                      f"again (it resumes from the database; see {trainer.log})",
+                      file=sys.stderr, flush=True)
+                trainer.stop(signal.SIGKILL, grace=5.0)
+                status.since = time.time()
+                status.state["stopped"] = False
+                trainer = self.start_trainer()
             if deadline is not None and time.monotonic() > deadline:
                 return "wall time", None
             time.sleep(poll)
@@ -568,7 +587,7 @@ class OnTheFlyRun:
                 for child in self.children.values():
                     child.signal(signal.SIGKILL)
             signal.signal(signal.SIGTERM, previous)
-        self._manifest(reason=why, failure=failure)
+        self._manifest(reason=why, failure=failure, trainer_restarts=self.trainer_restarts)
         seconds = time.monotonic() - started
         if failure:
             print(f"rarefly run: {failure}", file=sys.stderr)
