@@ -552,9 +552,13 @@ class OnTheFlyRun:
         if trainer is not None:
             trainer.wait(max(0.0, 30.0 - (time.monotonic() - t0)))
             trainer.stop(signal.SIGKILL, grace=5.0)
-        for endpoint in (self.learn_endpoint, self.cv_endpoint):
+
+    def remove_sockets(self) -> None:
+        """The socket files of this run under /tmp (a killed process leaves its own)."""
+        for path in (f"/tmp/ipi_{self.address}", self.learn_endpoint[len("ipc://"):],
+                     self.cv_endpoint[len("ipc://"):]):
             try:
-                os.unlink(endpoint[len("ipc://"):])
+                os.unlink(path)
             except OSError:
                 pass
 
@@ -586,7 +590,9 @@ class OnTheFlyRun:
             except KeyboardInterrupt:  # a second Ctrl-C: do not leave anything behind
                 for child in self.children.values():
                     child.signal(signal.SIGKILL)
-            signal.signal(signal.SIGTERM, previous)
+            finally:
+                self.remove_sockets()
+                signal.signal(signal.SIGTERM, previous)
         self._manifest(reason=why, failure=failure, trainer_restarts=self.trainer_restarts)
         seconds = time.monotonic() - started
         if failure:
