@@ -31,6 +31,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--executor", default="local", choices=["local", "threads", "slurm"],
                    help="Parsl executor for labelling (default local processes)")
     p.add_argument("--workers", type=int, default=1, help="labelling workers")
+    p.add_argument("--executor-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="option for the Parsl executor/provider (repeatable), e.g. partition=short, "
+                        "address=10.0.0.5 for slurm, worker_init='module load xtb' for local")
     p.add_argument("--max-labels", type=int, help="budget of reference calls")
     p.add_argument("--update-every", type=int, default=1, help="labels per posterior update")
     p.add_argument("--holdout", help="extxyz of held-out reference frames: errors logged per version")
@@ -65,7 +68,8 @@ def run(args) -> int:
         ref = ReferenceSpec(args.reference, _options(args.reference_option))
         check_reference(ref)
         cfg = TrainerConfig(model=args.model, database=args.db, endpoint=args.endpoint, reference=ref,
-                            executor=ExecutorSpec(args.executor, args.workers),
+                            executor=ExecutorSpec(args.executor, args.workers,
+                                                  _options(args.executor_option)),
                             update_every=args.update_every, max_labels=args.max_labels,
                             align_energies=not args.no_align, holdout=args.holdout)
         trainer = Trainer(cfg)
