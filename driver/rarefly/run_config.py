@@ -513,7 +513,7 @@ def _check_labelling(lab: LabellingConfig, check_code: bool) -> None:
         import parsl  # noqa: F401
     except ImportError:
         raise ConfigError("[labelling] needs Parsl, which is not installed: "
-                          "pip install 'rarefly[parsl]'") from None
+                          "reinstall with `make setup` (parsl is a dependency of rarefly)") from None
     if lab.executor == "slurm":
         from parsl.providers import SlurmProvider
 
