@@ -32,6 +32,7 @@ def test_metad_nvt_example_runs_and_plots(tmp_path, model_file, child_env):
                     ignore=shutil.ignore_patterns("model.rfly", "COLVAR", "HILLS", "bck.*",
                                                   "simulation.*", "*.png", "*.log"))
     shutil.copy(REPO / "examples" / "plot_colvar.py", examples / "plot_colvar.py")
+    shutil.copy(REPO / "examples" / "cv_example.sh", examples / "cv_example.sh")
     (tmp_path / "driver").symlink_to(REPO / "driver")
     env = dict(child_env, STEPS=str(STEPS), MODEL=str(model_file),
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{child_env.get('PATH', '')}")
