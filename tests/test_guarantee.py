@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from _ref_calculators import read_log, structure_key
+from _trainer_io import read_events, while_unlocked
 
 pytestmark = pytest.mark.slow
 
@@ -69,22 +70,11 @@ def _extras(path):
 
 
 def _db_rows(path):
-    from ase.db import connect
-
-    for _ in range(50):
-        try:
-            return list(connect(str(path), type="db").select())
-        except Exception as exc:  # noqa: BLE001 - sqlite busy while the trainer writes
-            if "locked" not in str(exc) and "no such table" not in str(exc):
-                raise
-            time.sleep(0.1)
-    raise AssertionError(f"{path} stayed locked")
+    return while_unlocked(lambda db: list(db.select()), path)
 
 
 def _events(path):
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+    return read_events(path)
 
 
 def test_guarantee_mode_integrates_reference_forces_on_flagged_steps(tmp_path, model_file, child_env):

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from _ref_calculators import read_log, structure_key
+from _trainer_io import read_events, while_unlocked
 
 pytestmark = pytest.mark.slow
 
@@ -62,24 +63,12 @@ def _push(endpoint, frames, walker="wK"):
 
 def _db_rows(path):
     """(state, frame_id, id, ref_energy, labelled_at) of every row; retried while locked."""
-    from ase.db import connect
-
-    for _ in range(50):
-        try:
-            db = connect(str(path), type="db")
-            return [(r.state, r.frame_id, r.id, r.get("ref_energy"), r.get("labelled_at"))
-                    for r in db.select()]
-        except Exception as exc:  # noqa: BLE001 - sqlite busy while the trainer writes
-            if "locked" not in str(exc) and "no such table" not in str(exc):
-                raise
-            time.sleep(0.1)
-    raise AssertionError(f"{path} stayed locked")
+    return while_unlocked(lambda db: [(r.state, r.frame_id, r.id, r.get("ref_energy"),
+                                       r.get("labelled_at")) for r in db.select()], path)
 
 
 def _events(path):
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+    return read_events(path)
 
 
 def _wait(predicate, timeout, proc, what):
