@@ -130,6 +130,40 @@ def test_batch_equals_single(posterior):
         np.testing.assert_allclose(b.forces_sigma, one.forces_sigma, rtol=1e-7)
 
 
+def test_sigma_gradient_switch(posterior):
+    """Without the sigma_E gradient (a driver without --cv) everything else is unchanged."""
+    structs = [_molecule(4), _periodic(5)]
+    full = posterior.predict(structs)
+    posterior.sigma_gradient = False
+    try:
+        lean = posterior.predict(structs)
+    finally:
+        posterior.sigma_gradient = True
+    for a, b in zip(full, lean):
+        assert b.energy == pytest.approx(a.energy, abs=1e-10)
+        np.testing.assert_allclose(b.forces, a.forces, atol=1e-10)
+        assert b.energy_sigma == pytest.approx(a.energy_sigma, rel=1e-10)
+        np.testing.assert_allclose(b.forces_sigma, a.forces_sigma, rtol=1e-10)
+        assert b.confidence == pytest.approx(a.confidence, rel=1e-10)
+        if a.stress is not None:
+            np.testing.assert_allclose(b.stress, a.stress, atol=1e-10)
+        if posterior.kind == "lastlayer":  # sghmc gets the gradient for free and keeps it
+            assert b.energy_sigma_gradient is None and b.energy_sigma_cell_gradient is None
+    assert full[0].energy_sigma_gradient is not None
+
+
+def test_driver_asks_for_the_sigma_gradient_only_with_cv(posterior):
+    import argparse
+
+    from rarefly.driver_cli import _without_unused_gradient
+
+    try:
+        assert _without_unused_gradient(posterior, argparse.Namespace(cv=False)).sigma_gradient is False
+        assert _without_unused_gradient(posterior, argparse.Namespace(cv=True)).sigma_gradient is True
+    finally:
+        posterior.sigma_gradient = True
+
+
 def test_model_file_round_trip(posterior, tmp_path):
     path = tmp_path / "m.rfly"
     posterior.save(path)

@@ -293,7 +293,7 @@ def run(args: argparse.Namespace, *, loader: Loader | None = None) -> int:
                        else energy_to_ev(args.epsilon, args.epsilon_unit))
         except ValueError as exc:
             raise DriverError(str(exc)) from None
-        predictor = load_model(args.model, args.device, epsilon, loader)
+        predictor = _without_unused_gradient(load_model(args.model, args.device, epsilon, loader), args)
         check_species(template.numbers, predictor, args.model, args.template)
         logger.info("model %s (version %s) ready for %d atoms, %s; connecting to i-PI",
                     args.model, getattr(predictor, "model_version", "?"), len(template),
@@ -321,6 +321,14 @@ def run(args: argparse.Namespace, *, loader: Loader | None = None) -> int:
     finally:
         logger.removeHandler(handler)
         logger.setLevel(previous_level)
+
+
+def _without_unused_gradient(predictor, args):
+    """Without ``--cv`` nothing uses d sigma_E/dR: the posterior skips it (lastlayer: one
+    backward pass fewer per call, measured in benchmarks/bench_driver.out)."""
+    if hasattr(predictor, "sigma_gradient"):
+        predictor.sigma_gradient = bool(args.cv)
+    return predictor
 
 
 def _compose(args, predictor, template, loader, logger):
@@ -373,7 +381,9 @@ def _compose(args, predictor, template, loader, logger):
             return new
 
         watcher = ModelWatcher(args.model, predictor,
-                               lambda path: load_model(path, args.device, None, loader), on_swap=_swap)
+                               lambda path: _without_unused_gradient(
+                                   load_model(path, args.device, None, loader), args),
+                               on_swap=_swap)
 
         def provider():
             watcher()

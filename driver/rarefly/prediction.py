@@ -49,8 +49,11 @@ class Prediction:
     energy_sigma: calibrated predictive standard deviation of the energy, eV.
     forces_sigma: (N,) per-atom predictive force standard deviation, eV/Angstrom
         (root of the mean of the three Cartesian variances, calibrated).
-    energy_sigma_gradient: (N, 3) d energy_sigma / d positions, eV/Angstrom.
-    energy_sigma_cell_gradient: (3, 3) d energy_sigma / d strain, eV (periodic only).
+    energy_sigma_gradient: (N, 3) d energy_sigma / d positions, eV/Angstrom; ``None`` when the
+        posterior was told not to compute it (``Posterior.sigma_gradient = False``: a driver
+        without ``--cv``, where nothing uses it).
+    energy_sigma_cell_gradient: (3, 3) d energy_sigma / d strain, eV (periodic only; ``None``
+        also when ``sigma_gradient`` is off).
     confidence: P(|E error| < epsilon) under the Student-t calibration.
     model_version: version number of the model file that produced this.
     """
@@ -60,7 +63,7 @@ class Prediction:
     stress: np.ndarray | None
     energy_sigma: float
     forces_sigma: np.ndarray
-    energy_sigma_gradient: np.ndarray
+    energy_sigma_gradient: np.ndarray | None
     confidence: float
     model_version: int
     energy_sigma_cell_gradient: np.ndarray | None = None

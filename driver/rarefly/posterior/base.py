@@ -51,7 +51,7 @@ class Moments:
 
     energy (G,), forces (n,3), dE_dstrain (G,3,3) or None,
     var_energy (G,) raw epistemic+aleatoric variance,
-    grad_var_energy (n,3) d var_energy / d positions,
+    grad_var_energy (n,3) d var_energy / d positions (None when ``sigma_gradient`` is off),
     strain_grad_var_energy (G,3,3) or None,
     var_forces (n,3) raw per-component force variance.
     """
@@ -60,7 +60,7 @@ class Moments:
     forces: torch.Tensor
     dE_dstrain: torch.Tensor | None
     var_energy: torch.Tensor
-    grad_var_energy: torch.Tensor
+    grad_var_energy: torch.Tensor | None
     strain_grad_var_energy: torch.Tensor | None
     var_forces: torch.Tensor
 
@@ -69,6 +69,10 @@ class Posterior:
     """Base class: a MACE backbone with a posterior over (some of) its weights."""
 
     kind = "base"
+    #: compute d sigma_E / d positions (and strain)? Posteriors that pay for it with an extra
+    #: backward pass (``lastlayer``) skip it when False; ``rarefly driver`` turns it off
+    #: without ``--cv``, where nothing uses the gradient.
+    sigma_gradient: bool = True
 
     def __init__(self, backbone: Backbone, settings: PosteriorSettings,
                  calibration: Calibration | None = None, energy_offset: dict | None = None,
@@ -128,7 +132,7 @@ class Posterior:
         energy = mo.energy.detach().cpu().numpy()
         forces = mo.forces.detach().cpu().numpy()
         var_e = mo.var_energy.detach().cpu().numpy()
-        gvar = mo.grad_var_energy.detach().cpu().numpy()
+        gvar = None if mo.grad_var_energy is None else mo.grad_var_energy.detach().cpu().numpy()
         var_f = mo.var_forces.detach().cpu().numpy()
         dEde = None if mo.dE_dstrain is None else mo.dE_dstrain.detach().cpu().numpy()
         sgvar = None if mo.strain_grad_var_energy is None else mo.strain_grad_var_energy.detach().cpu().numpy()
@@ -137,19 +141,20 @@ class Posterior:
             raw_sigma = float(np.sqrt(max(var_e[g], 1e-300)))
             sigma = raw_sigma * np.sqrt(k_e)
             # d sigma / dR = sqrt(k) * d var / (2 sqrt(var))
-            gsig = np.sqrt(k_e) * gvar[sl] / (2.0 * raw_sigma)
+            gsig = None if gvar is None else np.sqrt(k_e) * gvar[sl] / (2.0 * raw_sigma)
             stress = cell_grad = None
             if s.cell is not None and any(s.pbc):
                 vol = abs(float(np.linalg.det(s.cell)))
                 stress = dEde[g] / vol
-                cell_grad = np.sqrt(k_e) * sgvar[g] / (2.0 * raw_sigma)
+                if sgvar is not None:
+                    cell_grad = np.sqrt(k_e) * sgvar[g] / (2.0 * raw_sigma)
             out.append(Prediction(
                 energy=float(energy[g]) ,
                 forces=forces[sl].astype(float),
                 stress=stress,
                 energy_sigma=float(sigma),
                 forces_sigma=np.sqrt(k_f * var_f[sl].mean(axis=1)),
-                energy_sigma_gradient=gsig.astype(float),
+                energy_sigma_gradient=None if gsig is None else gsig.astype(float),
                 confidence=float(self.calibration.energy.confidence(raw_sigma, eps)),
                 model_version=self.model_version,
                 energy_sigma_cell_gradient=cell_grad,

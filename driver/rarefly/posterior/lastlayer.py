@@ -6,7 +6,7 @@ features. A Gaussian prior ``theta ~ N(theta_foundation, s_p^2 I)`` and a Gaussi
 on energies and force components give a Gaussian posterior ``N(mu, Sigma)`` in closed form
 (this is exact Bayesian linear regression, so "Laplace" and "Bayesian-linear" coincide).
 
-Prediction, one forward pass and one batched backward pass:
+Prediction, one forward pass and two backward passes (one when ``sigma_gradient`` is off):
 
 - energy ``a + Phi.mu``; epistemic variance ``Phi^T Sigma Phi``, plus the energy noise;
 - ``d var/dR = 2 (Sigma Phi)^T dPhi/dR``: one vector-Jacobian product;
@@ -84,8 +84,10 @@ class LastLayerPosterior(Posterior):
         var_epi = (Phi.detach() * c).sum(-1)
         inputs = [positions] + ([strain] if strain is not None else [])
         # plain backward passes: faster than one vmapped (is_grads_batched) pass on CPU
-        g_e = torch.autograd.grad(energy.sum(), inputs, retain_graph=True)
-        g_v = torch.autograd.grad(2.0 * (Phi * c).sum(), inputs, retain_graph=self.rank > 0)
+        want_gv = self.sigma_gradient
+        g_e = torch.autograd.grad(energy.sum(), inputs, retain_graph=want_gv or self.rank > 0)
+        g_v = (torch.autograd.grad(2.0 * (Phi * c).sum(), inputs, retain_graph=self.rank > 0)
+               if want_gv else (None, None))
         if self.rank > 0:
             var_f = torch.zeros_like(positions)
             for j, r in enumerate(self._lowrank):
