@@ -403,6 +403,8 @@ def section_per_call(emit, systems, baselines, posteriors, repeats, samples) -> 
         fns = {"ipi-mace": lambda b=base, c=cell, p=pos: b(c.copy(), p.copy())}
         for kind, (post, _) in posteriors.items():
             fns[kind] = lambda q=post, st=s: q.predict([st])
+        if "lastlayer" in posteriors:
+            fns["lastlayer-lean"] = lambda q=posteriors["lastlayer"][0], st=s: _without_gradient(q, st)
         print(f"timing per-call costs on {sys_name} ...", file=sys.stderr, flush=True)
         t = interleaved(fns, repeats if len(atoms) < 32 else heavy(repeats), cpu=True)
         emit(f"   {sys_name}: i-PI mace {med(t['ipi-mace']) * 1e3:.1f} "
@@ -413,12 +415,24 @@ def section_per_call(emit, systems, baselines, posteriors, repeats, samples) -> 
             label = "lastlayer" if kind == "lastlayer" else f"sghmc ({samples} samples)"
             rows.append((f"1. {label} / i-PI mace, {sys_name.split(' (')[0]} ({len(atoms)} atoms)",
                          paired_ratio(t[kind], t["ipi-mace"]), TARGETS[kind]))
+        if "lastlayer-lean" in t:
+            emit(f"      lastlayer without d sigma_E/dR (`rarefly driver` without --cv): "
+                 f"{med(t['lastlayer-lean']) * 1e3:.1f} {spread(t['lastlayer-lean'])}, ratio "
+                 f"{paired_ratio(t['lastlayer-lean'], t['ipi-mace']):.2f} (for reference, no target)")
         emit("      (wall-clock: i-PI mace {:.1f}, lastlayer {:.1f}, sghmc {:.1f}; ratios {:.2f}, "
              "{:.2f})".format(*(med(t.wall[k]) * 1e3 for k in ("ipi-mace", "lastlayer", "sghmc")),
                              *(paired_ratio(t.wall[k], t.wall["ipi-mace"])
                                for k in ("lastlayer", "sghmc"))))
     emit()
     return rows
+
+
+def _without_gradient(post, s):
+    post.sigma_gradient = False
+    try:
+        return post.predict([s])
+    finally:
+        post.sigma_gradient = True
 
 
 def section_batching(emit, systems, baselines, posteriors, repeats, nbeads) -> list:
