@@ -1,4 +1,5 @@
-# The two quick-start commands: `make demo` and `make test`. Both set up .venv first (idempotent).
+# The two quick-start commands: `make demo` (on-the-fly learning on ethanol, report in
+# demo-run/) and `make test`. Both set up .venv first (idempotent).
 PY := .venv/bin/python
 
 .PHONY: setup setup-dev demo test bench clean
@@ -19,4 +20,4 @@ bench: setup-dev
 	$(PY) benchmarks/bench_driver.py
 
 clean:
-	rm -rf .venv demo-run
+	rm -rf .venv demo-run demo-run.previous

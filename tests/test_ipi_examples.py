@@ -1,4 +1,5 @@
-"""The shipped examples and ``rarefly demo`` run as documented (a few steps each)."""
+"""The shipped examples and ``rarefly demo --no-learning`` run as documented (a few steps each;
+the default, on-the-fly ``rarefly demo`` is tested in test_run_e2e.py)."""
 
 from __future__ import annotations
 
@@ -76,8 +77,8 @@ def test_demo_command(tmp_path, model_file, child_env):
     out = tmp_path / "demo"
     out.mkdir()
     shutil.copy(model_file, out / "model-lastlayer.rfly")  # the demo's cache: no fit here
-    proc = subprocess.run([sys.executable, "-m", "rarefly.cli", "demo", "--steps", str(STEPS),
-                           "--out", str(out)], capture_output=True, text=True, env=child_env,
+    proc = subprocess.run([sys.executable, "-m", "rarefly.cli", "demo", "--no-learning",
+                           "--steps", str(STEPS), "--out", str(out)], capture_output=True, text=True, env=child_env,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "reusing the model" in proc.stdout
@@ -100,8 +101,8 @@ def test_demo_stops_everything_when_the_driver_fails(tmp_path, model_file, child
     shutil.copy(model_file, out / "model-lastlayer.rfly")
     structure = tmp_path / "h2s.xyz"
     Atoms("SH2", positions=[[0, 0, 0], [0.97, 0.0, 0.9], [-0.97, 0.0, 0.9]]).write(structure)
-    proc = subprocess.run([sys.executable, "-m", "rarefly.cli", "demo", "--steps", str(STEPS),
-                           "--out", str(out), "--structure", str(structure)],
+    proc = subprocess.run([sys.executable, "-m", "rarefly.cli", "demo", "--no-learning",
+                           "--steps", str(STEPS), "--out", str(out), "--structure", str(structure)],
                           capture_output=True, text=True, env=child_env, timeout=300)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "rarefly demo: rarefly driver stopped with exit code 1" in proc.stderr

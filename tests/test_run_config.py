@@ -166,3 +166,67 @@ def test_the_example_config_is_valid():
     cfg = load_config(Path(__file__).parents[1] / "examples" / "onthefly" / "config.toml",
                       check_code=False)
     assert cfg.reference.calculator == "xtb" and cfg.budget.max_reference_calls
+
+
+# ------------------------------------------------------------------ the demo's configuration
+
+def test_demo_config_is_a_valid_run_config_for_its_folder(tmp_path):
+    from rarefly.demo import demo_config
+    from rarefly.foundation import DATA_DIR
+
+    (tmp_path / "model-lastlayer.rfly").write_bytes(b"")  # only its existence is checked
+    config = tmp_path / "config.toml"
+    config.write_text(demo_config(DATA_DIR / "ethanol.xyz", "model-lastlayer.rfly", steps=50,
+                                  max_reference_calls=2))
+    cfg = load_config(config, check_code=False)
+    assert cfg.output.directory == tmp_path
+    assert cfg.model.file == tmp_path / "model-lastlayer.rfly"
+    assert cfg.system.structure == DATA_DIR / "ethanol.xyz"
+    assert cfg.system.steps == 50 and cfg.budget.max_reference_calls == 2
+    assert cfg.reference.calculator == "xtb" and cfg.learning.holdout_frames > 0
+    assert not cfg.learning.align_energies
+    # the shipped file itself is a valid configuration too
+    shipped = load_config(DATA_DIR / "demo.toml", check_code=False)
+    assert shipped.budget.max_reference_calls == 24 and shipped.model.file is None
+
+
+def test_demo_moves_an_earlier_run_aside(tmp_path):
+    from rarefly.demo import DemoError, set_aside
+
+    out = tmp_path / "demo-run"
+    assert set_aside(out) is None                      # nothing there
+    out.mkdir()
+    (out / "model-lastlayer.rfly").write_text("cache")
+    assert set_aside(out) is None                      # only the model cache: not a run
+    (out / "run.json").write_text("{}")
+    assert set_aside(out) == tmp_path / "demo-run.previous"
+    assert not out.exists() and (tmp_path / "demo-run.previous" / "run.json").exists()
+    out.mkdir()
+    (out / "simulation.out").write_text("# i-PI")
+    assert set_aside(out) == tmp_path / "demo-run.previous"   # the older one is replaced
+    assert sorted(p.name for p in (tmp_path / "demo-run.previous").iterdir()) == ["simulation.out"]
+    # a DIR.previous that is not an earlier run is never deleted
+    out.mkdir()
+    (out / "run.json").write_text("{}")
+    other = tmp_path / "demo-run.previous"
+    for p in other.iterdir():
+        p.unlink()
+    (other / "thesis.tex").write_text("keep me")
+    with pytest.raises(DemoError, match="exists but is not an earlier demo run"):
+        set_aside(out)
+    assert (other / "thesis.tex").exists() and (out / "run.json").exists()
+
+
+def test_restart_input_adds_total_steps_that_ipi_left_out():
+    # i-PI writes no <total_steps> into RESTART when it equals its default, 1000
+    from rarefly.run import RunError, restart_input
+
+    text = ("<simulation verbosity='low'><step>90</step><ffsocket mode='unix' name='rarefly'>"
+            "<address>old</address></ffsocket></simulation>")
+    new, step = restart_input(text, "new-address", 1000)
+    assert step == 90
+    assert "<address>new-address</address>" in new and "<total_steps>1000</total_steps>" in new
+    new, _ = restart_input(new, "again", 2000)
+    assert new.count("<total_steps>") == 1 and "<total_steps>2000</total_steps>" in new
+    with pytest.raises(RunError, match="not from `rarefly run`"):
+        restart_input("<simulation><step>3</step></simulation>", "x", 10)

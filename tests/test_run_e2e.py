@@ -1,7 +1,10 @@
 """`rarefly run` end to end: i-PI + driver + trainer from one config, the report, --restart.
 
-A tiny budget (2 reference calls with GFN2-xTB, then 1 more after the restart) keeps it
-under about a minute and a half on two shared cores.
+The first invocation is the default `rarefly demo` (its shipped configuration, the folder
+it writes, the summary it prints; the model cache is seeded, so nothing is fitted); the
+restart continues that folder with `rarefly run DIR/config.toml --restart`. A tiny budget (2
+reference calls with GFN2-xTB, then 1 more after the restart) keeps it around a minute and a
+half on two shared cores.
 """
 
 from __future__ import annotations
@@ -60,15 +63,31 @@ def _rows(run_dir):
     return [(r.frame_id, r.state) for r in db.select()]
 
 
-def test_run_learns_reports_and_restarts(tmp_path, model_file, ethanol_xyz, child_env):
-    config = tmp_path / "config.toml"
-    config.write_text(CONFIG.format(structure=ethanol_xyz, model=model_file, steps=3000, calls=2))
-    run_dir = tmp_path / "run"
+def test_demo_learns_reports_and_restarts(tmp_path, model_file, child_env):
+    import re
+    import shutil
 
-    first = _run(config, child_env)
+    run_dir = tmp_path / "demo-run"
+    run_dir.mkdir()
+    shutil.copy(model_file, run_dir / "model-lastlayer.rfly")  # the demo's cache: no fit here
+    first = subprocess.run([sys.executable, "-m", "rarefly.cli", "demo", "--out", str(run_dir),
+                            "--max-reference-calls", "2", "--no-progress"],
+                           env=child_env, capture_output=True, text=True, timeout=240)
     assert first.returncode == 0, first.stdout + first.stderr
+    assert "reusing the model" in first.stdout
     assert "reference budget spent" in first.stdout, first.stdout
     assert f"rarefly run: report {run_dir / 'report.md'}" in first.stdout
+    # the demo's summary: where things are, and how the held-out error changed
+    assert f"trajectory        {run_dir / 'simulation.pos_0.xyz'}" in first.stdout
+    assert f"uncertainty log   {run_dir / 'simulation.uncertainty_0'}" in first.stdout
+    assert f"report            {run_dir / 'report.md'}" in first.stdout
+    change = re.search(r"held-out error: energy RMSE ([\d.]+) -> ([\d.]+) meV, force RMSE "
+                       r"([\d.]+) -> ([\d.]+) meV/A \(model v(\d+) -> v(\d+), 2 reference calls\)",
+                       first.stdout)
+    assert change, first.stdout
+    assert int(change.group(6)) > int(change.group(5))
+    config = run_dir / "config.toml"
+    assert 'directory = "."' in config.read_text()
     page = (run_dir / "report.md").read_text()
     for png in PNGS:
         assert (run_dir / png).stat().st_size > 10_000, png
@@ -86,7 +105,8 @@ def test_run_learns_reports_and_restarts(tmp_path, model_file, ethanol_xyz, chil
     assert again.returncode == 1
     assert "already holds a run; continue it with --restart" in again.stderr
 
-    config.write_text(CONFIG.format(structure=ethanol_xyz, model=model_file, steps=3000, calls=3))
+    config.write_text(config.read_text().replace("max_reference_calls = 2",
+                                                 "max_reference_calls = 3"))
     second = _run(config, child_env, "--restart")
     assert second.returncode == 0, second.stdout + second.stderr
     assert "continuing in" in second.stdout

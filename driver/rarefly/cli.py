@@ -16,7 +16,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "driver": ("rarefly.driver_cli", "serve Bayesian MACE forces to an i-PI (or ASE) socket server"),
     "fit": ("rarefly.fit_cli", "build a posterior model file from a MACE checkpoint and labelled data"),
     "info": ("rarefly.info_cli", "show what a rarefly model file holds"),
-    "demo": ("rarefly.demo", "run the shipped demo: i-PI MD on the embedded model"),
+    "demo": ("rarefly.demo", "run the shipped demo: on-the-fly learning on ethanol (--no-learning: plain i-PI MD)"),
     "cv-server": ("rarefly.cv_service", "serve the uncertainty CV to PLUMED (normally started by `driver`)"),
     "trainer": ("rarefly.trainer_cli", "label flagged frames and publish refined models (sidecar)"),
     "run": ("rarefly.run", "on-the-fly learning in one command: i-PI, driver and trainer from a TOML config"),

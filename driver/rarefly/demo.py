@@ -1,14 +1,27 @@
-"""``rarefly demo``: i-PI molecular dynamics of ethanol on the embedded model, end to end.
+"""``rarefly demo`` (and ``make demo``): the shipped demo, end to end, in ``--out`` (``demo-run/``).
 
-What it does, in ``--out`` (default ``demo-run/``):
+Default: **on-the-fly learning** on ethanol, from the configuration shipped as package data
+(``rarefly/data/demo.toml``; so it works from an installed package too):
 
 1. builds a posterior model file from the embedded foundation model and ~30 frames of the
    shipped GFN2-xTB training data (``model-<kind>.rfly``; reused on the next run);
-2. writes an i-PI input (``input.xml``: NVT, 0.5 fs, 300 K, the ethanol molecule) whose
+2. writes ``config.toml`` (demo.toml made to run in ``--out``) and runs it with
+   :class:`rarefly.run.OnTheFlyRun`, exactly as ``rarefly run DIR/config.toml``: i-PI, the
+   driver flagging uncertain frames, the trainer labelling them with GFN2-xTB (tblite) and
+   publishing refined models; then ``report.md`` with its plots;
+3. prints where the trajectory, the uncertainty log (i-PI's extras: sigma_E, confidence,
+   model version, flagged) and the report are, and one line saying how the error on the
+   held-out reference frames changed from the first to the last model version.
+
+A folder that holds an earlier run is moved aside to ``DIR.previous`` first (:func:`set_aside`).
+
+``--no-learning``: the earlier demo, plain NVT MD on the same posterior:
+
+1. writes an i-PI input (``input.xml``: NVT, 0.5 fs, 300 K, the ethanol molecule) whose
    forcefield is an ``<ffsocket>`` on a UNIX socket;
-3. starts the ``i-pi`` server and ``rarefly driver``, follows i-PI's property output with a
+2. starts the ``i-pi`` server and ``rarefly driver``, follows i-PI's property output with a
    progress bar, and stops both cleanly at the end (or on Ctrl-C);
-4. prints where the trajectory and the uncertainty log are, and a one-line summary.
+3. prints where the trajectory and the uncertainty log are, and a one-line summary.
 
 The pieces are plain functions reused by the tests: :func:`input_xml` (with
 :func:`ffsocket_xml` / :func:`ffdirect_xml`), :class:`IPIRun` (an i-PI server process plus
@@ -413,16 +426,59 @@ def _usable_model(path: Path, kind: str) -> bool:
 
 # ------------------------------------------------------------------------ the command
 
+#: the on-the-fly configuration of the demo (package data; a copy goes into --out)
+DEMO_CONFIG = "demo.toml"
+#: files that mark a folder as holding an earlier run (the model cache alone does not)
+_RUN_MARKERS = ("config.toml", "run.json", "input.xml", "frames.db", "RESTART", f"{PREFIX}.out")
+
+EPILOG = """\
+what it does (default: on-the-fly learning, the configuration rarefly/data/demo.toml):
+  1. fits a lastlayer posterior on the embedded foundation model and 30 frames of its
+     GFN2-xTB data (~15 s; cached as DIR/model-lastlayer.rfly and reused by later runs);
+  2. writes DIR/config.toml, a copy of demo.toml for this folder, and runs it as
+     `rarefly run DIR/config.toml` does: i-PI NVT MD of ethanol at 600 K, `rarefly driver`
+     flagging uncertain frames, `rarefly trainer` labelling them with GFN2-xTB (tblite) and
+     publishing refined models that the driver picks up; until 24 reference calls are
+     spent (under a minute on two cores) or the 1000 steps are done;
+  3. writes DIR/report.md with its plots and prints where the trajectory, the uncertainty
+     log and the report are, and how the error on 8 held-out GFN2-xTB frames changed from
+     the first to the last model version.
+
+running it again: a folder DIR that holds an earlier run (of either kind) is moved aside
+  to DIR.previous (an older DIR.previous is deleted; the line "moved the previous run ..."
+  says so) and a fresh run starts in DIR, reusing the cached model. To continue a run instead, raise
+  [budget] max_reference_calls in DIR/config.toml and use `rarefly run DIR/config.toml
+  --restart`.
+
+--no-learning runs the earlier demo: plain i-PI NVT MD at 300 K (default 500 steps) on the
+  same posterior, nothing labelled.
+
+Ctrl-C stops everything cleanly (exit status 130). Exit status 1: something failed (one
+sentence says what and names the log).
+"""
+
+
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.description = (
-        "Run i-PI NVT molecular dynamics of ethanol (0.5 fs, 300 K) on a posterior built "
-        "from the embedded foundation model, through `rarefly driver` on a UNIX socket, and "
-        "report the predicted uncertainties. Takes about two minutes on two CPU cores.")
-    parser.add_argument("--steps", type=_positive, default=DEFAULT_STEPS,
-                        help="MD steps of 0.5 fs (default: %(default)s)")
+        "Run the shipped demo: on-the-fly learning on ethanol. i-PI runs MD on a Bayesian\n"
+        "MACE posterior of the embedded foundation model; frames the model is unsure of are\n"
+        "labelled with GFN2-xTB and learned while the MD goes on, and a report shows the\n"
+        "model improving. One to two minutes on two CPU cores.")
+    parser.epilog = EPILOG
     parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
-                        help="folder for the model, i-PI's input and outputs "
+                        help="folder for the model, the run's inputs, outputs and report "
                              "(default: %(default)s)")
+    parser.add_argument("--steps", type=_positive, default=None,
+                        help="MD steps of 0.5 fs (default: 1000 for the learning run, "
+                             f"{DEFAULT_STEPS} with --no-learning)")
+    parser.add_argument("--max-reference-calls", type=_positive, default=None, metavar="N",
+                        help="reference calls after which the learning run stops "
+                             "(default: 24, as in demo.toml)")
+    parser.add_argument("--no-learning", action="store_true",
+                        help="plain NVT MD at 300 K on the fitted posterior, without the "
+                             "trainer (the earlier demo)")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar for the learning run")
     parser.add_argument("--kind", default="lastlayer", choices=["lastlayer", "sghmc"],
                         help="posterior kind of the demo model (default: %(default)s)")
     parser.add_argument("--foundation", default="small", metavar="MODEL",
@@ -446,34 +502,188 @@ def _positive(text: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        return _run(args)
+        return _run_md(args) if args.no_learning else _run_learning(args)
     except DemoError as exc:
         print(f"rarefly demo: {exc}", file=sys.stderr)
         return 1
 
 
-def _run(args: argparse.Namespace) -> int:
-    from ase.io import read
-    from tqdm import tqdm
-
+def _structure(args: argparse.Namespace) -> Path:
     from rarefly.foundation import DATA_DIR
 
-    out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    structure = Path(args.structure) if args.structure else DATA_DIR / "ethanol.xyz"
+    structure = Path(args.structure).resolve() if args.structure else DATA_DIR / "ethanol.xyz"
     if not structure.exists():
+        if args.structure:
+            raise DemoError(f"the structure file {args.structure} does not exist")
         raise DemoError(f"the demo structure {structure} is missing; regenerate it with "
                         "`python scripts/make_foundation.py`")
+    return structure
 
+
+def _model(out: Path, args: argparse.Namespace, previous: Path | None = None) -> Path:
+    """The demo's posterior in ``out``: reused when there (or in ``previous``), else fitted."""
     model = out / f"model-{args.kind}.rfly"
+    if previous is not None and not model.exists():
+        cached = previous / model.name
+        if _usable_model(cached, args.kind):
+            shutil.copyfile(cached, model)
     if _usable_model(model, args.kind):
         print(f"rarefly demo: reusing the model {model}")
     else:
         print(f"rarefly demo: fitting a {args.kind} posterior on {DEFAULT_FRAMES} frames "
-              f"(once; cached in {model})")
+              f"(once; cached in {model})", flush=True)
         t0 = time.monotonic()
         build_model(model, args.kind, args.foundation, args.data, progress=True)
         print(f"rarefly demo: model ready in {time.monotonic() - t0:.0f} s")
+    return model
+
+
+def set_aside(out: Path) -> Path | None:
+    """Move an earlier run in ``out`` to ``out.previous`` (deleting an older one there).
+
+    Returns the folder it went to, or None when ``out`` holds no run (missing, empty, or only
+    the model cache). DemoError when ``out.previous`` exists but is not an earlier demo run,
+    which is never deleted.
+    """
+    if not out.is_dir() or not any((out / m).exists() for m in _RUN_MARKERS):
+        return None
+    previous = out.with_name(out.name + ".previous")
+    if previous.exists():
+        if not previous.is_dir() or not any((previous / m).exists() for m in _RUN_MARKERS):
+            raise DemoError(f"{out} holds an earlier run, and {previous}, where it would be "
+                            "moved, exists but is not an earlier demo run; move or delete "
+                            "one of them, or give another --out")
+        shutil.rmtree(previous)
+    os.replace(out, previous)
+    return previous
+
+
+def _set_aside_and_say(out: Path) -> Path | None:
+    older = out.with_name(out.name + ".previous").exists()
+    previous = set_aside(out)
+    if previous is not None:
+        print(f"rarefly demo: moved the previous run to {previous}"
+              + (" (replacing the older one there)" if older else "")
+              + f"; starting afresh in {out}")
+    return previous
+
+
+def _toml_set(text: str, section: str, key: str, value: str) -> str:
+    """``text`` with ``key = value`` in ``[section]`` (replacing that line, or added)."""
+    import re
+
+    head = re.search(rf"(?m)^\[{re.escape(section)}\][^\n]*\n", text)
+    if head is None:
+        return text.rstrip("\n") + f"\n\n[{section}]\n{key} = {value}\n"
+    nxt = re.search(r"(?m)^\[", text[head.end():])
+    end = head.end() + (nxt.start() if nxt else len(text) - head.end())
+    body, n = re.subn(rf"(?m)^{re.escape(key)}\s*=.*$", f"{key} = {value}",
+                      text[head.end():end], count=1)
+    if n == 0:
+        body = f"{key} = {value}\n" + body
+    return text[:head.end()] + body + text[end:]
+
+
+def demo_config(structure: Path, model_name: str, *, steps: int | None = None,
+                max_reference_calls: int | None = None, foundation: str = "small") -> str:
+    """The text of DIR/config.toml: the shipped demo.toml, made to run in DIR."""
+    import json
+
+    from rarefly.foundation import DATA_DIR
+
+    text = (DATA_DIR / DEMO_CONFIG).read_text()
+    text = _toml_set(text, "system", "structure", json.dumps(str(structure)))
+    text = _toml_set(text, "model", "file", json.dumps(model_name))
+    text = _toml_set(text, "output", "directory", '"."')
+    if steps is not None:
+        text = _toml_set(text, "system", "steps", str(int(steps)))
+    if max_reference_calls is not None:
+        text = _toml_set(text, "budget", "max_reference_calls", str(int(max_reference_calls)))
+    if foundation != "small":  # another model's energy zero is not GFN2-xTB's
+        text = _toml_set(text, "learning", "align_energies", "true")
+    return ("# written by `rarefly demo` from rarefly/data/demo.toml; a `rarefly run` "
+            "configuration\n" + text)
+
+
+def _run_learning(args: argparse.Namespace) -> int:
+    """The default: `rarefly run` on demo.toml in ``--out``, then the summary."""
+    from rarefly.run import OnTheFlyRun, RunError
+    from rarefly.run_config import ConfigError, load_config
+
+    out = Path(args.out).resolve()
+    structure = _structure(args)
+    previous = _set_aside_and_say(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = _model(out, args, previous)
+    config = out / "config.toml"
+    config.write_text(demo_config(structure, model.name, steps=args.steps,
+                                  max_reference_calls=args.max_reference_calls,
+                                  foundation=args.foundation))
+    try:
+        cfg = load_config(config)
+    except ConfigError as exc:
+        raise DemoError(f"{config}: {exc}") from None
+    print(f"rarefly demo: on-the-fly learning: i-PI MD of ethanol at "
+          f"{cfg.system.temperature:g} K, frames with confidence < {cfg.learning.level:g} "
+          f"labelled with GFN2-xTB, until {cfg.budget.max_reference_calls} reference calls "
+          f"or {cfg.system.steps} steps", flush=True)
+    try:
+        code = OnTheFlyRun(cfg, progress=not args.no_progress).execute()
+    except RunError as exc:
+        raise DemoError(str(exc)) from None
+    _report_learning(out)
+    return code
+
+
+def held_out_change(out: Path) -> str | None:
+    """One line: how the held-out errors changed from the first to the last model version."""
+    from rarefly.report import RunData
+
+    data = RunData(out)
+    curve = data.holdout_curve()
+    calls = len(data.labels)
+    if not curve:
+        return None
+    (v0, e0, f0), (v1, e1, f1) = curve[0], curve[-1]
+    if v0 == v1:
+        return (f"held-out error: energy RMSE {e0 * 1000:.1f} meV, force RMSE {f0 * 1000:.1f} "
+                f"meV/A; only model v{v0} was evaluated ({calls} reference calls, no new "
+                "version published)")
+    return (f"held-out error: energy RMSE {e0 * 1000:.1f} -> {e1 * 1000:.1f} meV, force RMSE "
+            f"{f0 * 1000:.1f} -> {f1 * 1000:.1f} meV/A (model v{v0} -> v{v1}, "
+            f"{calls} reference calls)")
+
+
+def _report_learning(out: Path) -> None:
+    files = [("trajectory", out / f"{PREFIX}.pos_0.xyz", ""),
+             ("uncertainty log", out / f"{PREFIX}.uncertainty_0",
+              "   (i-PI extras per step: energy_uncertainty/eV, confidence, model_version, "
+              "flagged)"),
+             ("report", out / "report.md", "   (with trajectory, reference-call, calibration "
+              "and learning-curve plots)")]
+    print("rarefly demo: where things are")
+    for name, path, note in files:
+        if path.exists():
+            print(f"  {name:<17} {path}{note}")
+    print(f"  {'frames, labels':<17} {out / 'frames.db'}, {out / 'frames.jsonl'}")
+    print(f"  {'config, logs':<17} {out / 'config.toml'}, {out / 'ipi.log'}, "
+          f"{out / 'driver.log'}, {out / 'trainer.log'}")
+    line = held_out_change(out)
+    if line:
+        print(line)
+
+
+def _run_md(args: argparse.Namespace) -> int:
+    """``--no-learning``: plain i-PI NVT MD on the fitted posterior, nothing learned."""
+    from ase.io import read
+    from tqdm import tqdm
+
+    out = Path(args.out).resolve()
+    structure = _structure(args)
+    previous = _set_aside_and_say(out)
+    out.mkdir(parents=True, exist_ok=True)
+    steps = args.steps or DEFAULT_STEPS
+    model = _model(out, args, previous)
 
     atoms = read(structure, index=0)
     if any(atoms.pbc):
@@ -485,10 +695,10 @@ def _run(args: argparse.Namespace) -> int:
         for old in out.glob(pattern):
             old.unlink()
     address = unique_address("rarefly-demo")
-    (out / "input.xml").write_text(input_xml(ffsocket_xml(address), init.name, args.steps))
+    (out / "input.xml").write_text(input_xml(ffsocket_xml(address), init.name, steps))
     driver_args = ["--model", str(model), "--template", str(init), "-q", "-u", "-a", address]
 
-    print(f"rarefly demo: i-PI NVT MD of {atoms.get_chemical_formula()}, {args.steps} steps "
+    print(f"rarefly demo: i-PI NVT MD of {atoms.get_chemical_formula()}, {steps} steps "
           f"of 0.5 fs at 300 K, forces from `rarefly driver` on /tmp/ipi_{address}")
     print("rarefly demo: starting i-PI and the driver (loading the model takes a few seconds)")
     started = time.monotonic()
@@ -498,17 +708,17 @@ def _run(args: argparse.Namespace) -> int:
     # them as Ctrl-C does, so it is turned into KeyboardInterrupt while they run.
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        with tqdm(total=args.steps, unit="step", desc="i-PI MD", dynamic_ncols=True) as bar:
+        with tqdm(total=steps, unit="step", desc="i-PI MD", dynamic_ncols=True) as bar:
             sim.start()
-            sim.wait(timeout=max(600.0, 2.0 * args.steps), progress=bar,
-                     total_steps=args.steps)
+            sim.wait(timeout=max(600.0, 2.0 * steps), progress=bar,
+                     total_steps=steps)
     except KeyboardInterrupt:
         interrupted = True
         print("\nrarefly demo: interrupted; stopping i-PI and the driver", file=sys.stderr)
     finally:
         sim.stop()
         signal.signal(signal.SIGTERM, previous)
-    _report(out, time.monotonic() - started, interrupted)
+    _report_md(out, time.monotonic() - started, interrupted)
     return 130 if interrupted else 0
 
 
@@ -516,7 +726,7 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def _report(out: Path, seconds: float, interrupted: bool) -> None:
+def _report_md(out: Path, seconds: float, interrupted: bool) -> None:
     traj = out / f"{PREFIX}.pos_0.xyz"
     unc = out / f"{PREFIX}.uncertainty_0"
     fsig = out / f"{PREFIX}.forces_sigma_0"

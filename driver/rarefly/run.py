@@ -153,9 +153,11 @@ def restart_input(restart_text: str, address: str, steps: int) -> tuple[str, int
     sock = root.find("ffsocket[@name='rarefly']/address")
     total = root.find("total_steps")
     step = root.find("step")
-    if sock is None or total is None:
-        raise RunError("i-PI's RESTART file has no <ffsocket name=\"rarefly\"> or <total_steps>; "
-                       "it is not from `rarefly run`")
+    if sock is None:
+        raise RunError("i-PI's RESTART file has no <ffsocket name=\"rarefly\">; it is not "
+                       "from `rarefly run`")
+    if total is None:  # i-PI leaves out values equal to its defaults (total_steps 1000)
+        total = ET.SubElement(root, "total_steps")
     sock.text = address
     total.text = str(int(steps))
     return ET.tostring(root, encoding="unicode"), int(step.text) if step is not None else 0
@@ -598,8 +600,10 @@ class OnTheFlyRun:
         if failure:
             print(f"rarefly run: {failure}", file=sys.stderr)
         else:
-            print(f"rarefly run: stopped after {seconds:.0f} s ({why}); continue with "
-                  f"`rarefly run {cfg.source} --restart`" if why != "steps done" else
+            raise_first = ("raise [budget] max_reference_calls in it and "
+                           if why == "reference budget spent" else "")
+            print(f"rarefly run: stopped after {seconds:.0f} s ({why}); {raise_first}continue "
+                  f"with `rarefly run {cfg.source} --restart`" if why != "steps done" else
                   f"rarefly run: finished after {seconds:.0f} s ({why})")
         report = _write_report(cfg)
         if report is not None:
