@@ -792,3 +792,59 @@ def test_rarefly_driver_command_with_a_model_file(tmp_path):
     assert sigma[0][0] == pytest.approx(reference["energy_sigma"], rel=1e-6)
     fsigma = extras_values(tmp_path / "sim.fsigma_0")
     assert len(fsigma) == 6 and all(len(row) == len(atoms) for row in fsigma)
+
+
+def test_guarantee_mode_reference_failures_are_one_sentence_each(tmp_path):
+    """``--mode guarantee`` with a reference that cannot do the structure (EMT has no argon):
+    the first failures keep the model's forces with a one-line warning each and send the
+    frame unlabelled; the third in a row stops the driver with one sentence, exit 1."""
+    import zmq
+
+    from rarefly.trainer.messages import decode
+
+    model = tmp_path / "model.rfly"
+    model.write_bytes(b"test double")
+    atoms = argon(periodic=False)
+    template = write_template(tmp_path, atoms)
+    endpoint = f"ipc://{tmp_path}/learn"
+    pull = zmq.Context.instance().socket(zmq.PULL)
+    pull.setsockopt(zmq.LINGER, 0)
+    pull.bind(endpoint)
+    name = unique_name()
+    expected = LJPredictor()
+    try:
+        with SocketIOCalculator(unixsocket=name, timeout=30) as calc:
+            driver = subprocess.Popen(
+                driver_command(tmp_path, "--model", str(model), "--template", template, "-u",
+                               "-a", name, "--learn", endpoint, "--mode", "guarantee",
+                               "--reference", "emt", "--audit-fraction", "0", "--walker", "w"),
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            try:
+                atoms.calc = calc
+                for k in range(2):                 # the model's energy, not the reference's
+                    atoms.positions[0, 0] += 0.01
+                    e = atoms.get_potential_energy()
+                    assert e == pytest.approx(expected.reference(_structure(atoms)).energy)
+                atoms.positions[0, 0] += 0.01
+                with pytest.raises((OSError, AssertionError)):   # the driver hangs up
+                    atoms.get_potential_energy()
+                _, err = driver.communicate(timeout=30)
+            finally:
+                stop(driver)
+        assert driver.returncode == 1, err
+        lines = [ln for ln in err.splitlines() if ln.startswith("rarefly driver:")]
+        warned = [ln for ln in lines if "the reference failed on flagged frame" in ln]
+        assert len(warned) == 2, err
+        assert warned[0].startswith("rarefly driver: force call 1: the reference failed on "
+                                    "flagged frame w-")
+        assert "Traceback" not in err
+        assert re.fullmatch(r"rarefly driver: the reference emt\(\) failed on 3 flagged frames "
+                            r"in a row, the last w-\d+-3 \(force call 3\): .+; check --reference "
+                            r"and that its code runs here \(the frames labelled before were sent "
+                            r"to the trainer, which keeps them\)", lines[-1]), lines[-1]
+        sent = []
+        while len(sent) < 2 and pull.poll(5000):
+            sent.append(decode(pull.recv_multipart()))
+        assert [m.origin for m in sent] == ["flagged", "flagged"]   # kept for the trainer
+    finally:
+        pull.close()

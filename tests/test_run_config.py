@@ -230,3 +230,29 @@ def test_restart_input_adds_total_steps_that_ipi_left_out():
     assert new.count("<total_steps>") == 1 and "<total_steps>2000</total_steps>" in new
     with pytest.raises(RunError, match="not from `rarefly run`"):
         restart_input("<simulation><step>3</step></simulation>", "x", 10)
+
+
+def test_guarantee_mode_driver_gets_what_is_left_of_the_reference_budget(tmp_path, ethanol_xyz):
+    # the driver labels flagged steps itself: its reference calls count toward the budget
+    import json
+
+    from rarefly.run import OnTheFlyRun
+
+    cfg = load_config(write(tmp_path, """
+        [learning]
+        mode = "guarantee"
+        [budget]
+        max_reference_calls = 5
+    """, structure=ethanol_xyz), check_code=False)
+    run = OnTheFlyRun(cfg)
+    run.init = ethanol_xyz
+    cmd = run.driver_command()
+    assert cmd[cmd.index("--mode") + 1] == "guarantee"
+    assert cmd[cmd.index("--max-labels") + 1] == "5"
+    run.files.root.mkdir(parents=True)
+    run.files.events.write_text("".join(json.dumps({"event": e}) + "\n"
+                                        for e in ("start", "label", "label", "publish")))
+    cmd = run.driver_command()                      # a restart: 2 labels already recorded
+    assert cmd[cmd.index("--max-labels") + 1] == "3"
+    cfg.learning.mode = "async"
+    assert "--max-labels" not in run.driver_command()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 import types
 
 import numpy as np
@@ -387,6 +388,133 @@ def test_guarantee_mode_returns_reference_with_the_models_offset(tmp_path):
         fp.close()
     finally:
         pull.close()
+
+
+def _pull(endpoint):
+    import zmq
+
+    pull = zmq.Context.instance().socket(zmq.PULL)
+    pull.setsockopt(zmq.LINGER, 0)
+    pull.bind(endpoint)
+    return pull
+
+
+def _received(pull, n):
+    msgs = []
+    while len(msgs) < n and pull.poll(2000):
+        msgs.append(decode(pull.recv_multipart()))
+    return msgs
+
+
+def _uranium():  # EMT has no parameters for uranium: the reference fails on it
+    return Structure(np.array([92, 92, 92]), np.array([[0.0, 0, 0], [2.5, 0, 0], [0, 2.5, 0]]))
+
+
+def test_guarantee_mode_keeps_the_model_when_the_reference_fails_then_stops(tmp_path, caplog):
+    from rarefly.client import DriverError
+    from rarefly.flagging import FlagPolicy, FlaggingPredictor, ReferenceFailed
+    from rarefly.trainer.reference import ReferenceSpec
+
+    endpoint = f"ipc://{tmp_path}/learn"
+    pull = _pull(endpoint)
+    try:
+        fp = FlaggingPredictor(_FixedPredictor([0.1] * 6), endpoint,
+                               FlagPolicy(mode="guarantee", audit_fraction=0.0),
+                               walker="wF", reference=ReferenceSpec("emt"))
+        with caplog.at_level(logging.WARNING, logger="rarefly.flagging"):
+            p = fp.predict([_uranium()])[0]
+        # the step goes on with the model's prediction, and says so, in one line
+        assert p.energy == -1.0 and p.extra["reference"] is False and p.extra["flagged"] is True
+        assert len(caplog.records) == 1
+        text = caplog.records[0].getMessage()
+        assert "force call 1: the reference failed on flagged frame wF-" in text
+        assert "this step uses the model's prediction" in text and "\n" not in text
+        fp.predict([_uranium()])
+        assert fp.predict([_water()])[0].extra["reference"] is True   # a success resets the count
+        fp.predict([_uranium()])
+        fp.predict([_uranium()])
+        with pytest.raises(ReferenceFailed) as err:                   # the third in a row
+            fp.predict([_uranium()])
+        assert isinstance(err.value, DriverError) and err.value.exit_code == 1
+        msg = err.value.message
+        assert msg.startswith("the reference emt() failed on 3 flagged frames in a row, the "
+                              "last wF-") and "(force call 6)" in msg and "\n" not in msg
+        assert "check --reference" in msg
+        assert fp.stats["reference_failed"] == 5 and fp.stats["guaranteed"] == 1
+        fp.close()
+        # nothing is lost: the failed frames went to the trainer unlabelled (it may label them),
+        # the labelled one with its reference
+        msgs = _received(pull, 5)
+        assert [m.origin for m in msgs] == ["flagged", "flagged", "labelled", "flagged", "flagged"]
+        assert all(m.ref_forces is None for m in msgs if m.origin == "flagged")
+    finally:
+        pull.close()
+
+
+def test_guarantee_mode_reference_calls_stop_at_the_budget(tmp_path, caplog):
+    from rarefly.flagging import FlagPolicy, FlaggingPredictor
+    from rarefly.trainer.reference import ReferenceSpec
+
+    endpoint = f"ipc://{tmp_path}/learn"
+    pull = _pull(endpoint)
+    try:
+        fp = FlaggingPredictor(_FixedPredictor([0.1, 0.1, 0.1]), endpoint,
+                               FlagPolicy(mode="guarantee", audit_fraction=0.0),
+                               reference=ReferenceSpec("emt"), max_labels=1)
+        with caplog.at_level(logging.WARNING, logger="rarefly.flagging"):
+            refs = [fp.predict([_water((0.1 * i, 0, 0))])[0].extra["reference"] for i in range(3)]
+        assert refs == [True, False, False]
+        assert fp.stats["guaranteed"] == 1 and fp.stats["over_budget"] == 2
+        assert [r.getMessage() for r in caplog.records] == [
+            "the reference budget of this driver (1 calls) is spent: flagged steps use the "
+            "model's prediction from now on and go to the trainer unlabelled"]
+        fp.close()
+        assert [m.origin for m in _received(pull, 3)] == ["labelled", "flagged", "flagged"]
+    finally:
+        pull.close()
+
+
+def test_trainer_receive_takes_a_bounded_batch_and_stores_each_frame(tmp_path):
+    import zmq
+
+    from rarefly.trainer.loop import Trainer
+    from rarefly.trainer.selection import Deduplicator
+    from rarefly.trainer.store import FrameStore
+
+    endpoint = f"ipc://{tmp_path}/learn"
+    trainer = Trainer.__new__(Trainer)           # only what receive() uses: socket and store
+    trainer.sock = _pull(endpoint)
+    trainer.store = FrameStore(tmp_path / "frames.db")
+    trainer.dedup = Deduplicator(0.02)
+    push = zmq.Context.instance().socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 1000)
+    push.connect(endpoint)
+    try:
+        for i in range(30):
+            push.send_multipart(encode(FrameMessage(_water((0.01 * i, 0, 0)),
+                                                    _header(frame_id=f"f{i}", step=i))))
+        time.sleep(0.5)                           # all 30 are in the trainer's zmq queue
+        assert trainer.receive(max_messages=8) == 8
+        assert trainer.store.count() == 8         # each taken frame is in the database
+        assert trainer.receive(max_seconds=0.0) == 0    # the time bound holds too
+        got = 8
+        while got < 30:
+            n = trainer.receive(timeout_ms=1000, max_messages=8)
+            assert 0 < n <= 8
+            got += n
+        assert trainer.store.count(state="queued") == 30
+        assert sorted(r.frame_id for r in trainer.store.rows()) == sorted(f"f{i}" for i in range(30))
+        # a clean stop (SIGTERM) first stores what is still queued: a driver's last frames
+        for i in range(30, 130):
+            push.send_multipart(encode(FrameMessage(_water((0.01 * i, 0, 0)),
+                                                    _header(frame_id=f"f{i}", step=i))))
+        time.sleep(0.5)
+        trainer._in_flight, trainer._new_since_update = {}, 0   # nothing to collect or publish
+        trainer._wind_down()
+        assert trainer.store.count() == 130
+    finally:
+        push.close()
+        trainer.sock.close()
 
 
 # ------------------------------------------------------------------ reference registry

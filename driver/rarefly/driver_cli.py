@@ -65,7 +65,8 @@ notes:
   Each force reply carries JSON extras: energy_uncertainty (eV), forces_uncertainty
   (eV/A, per atom), confidence (P(|E error| < epsilon)) and model_version.
 
-exit codes: 0 i-PI sent EXIT, 1 bad model/template/option, 2 bad command line,
+exit codes: 0 i-PI sent EXIT, 1 bad model/template/option (or, with --mode guarantee, a
+  reference that failed on 3 flagged frames in a row), 2 bad command line,
   3 no server, 4 server disconnected without EXIT, 5 malformed message,
   6 a structure that cannot be evaluated (atom count, NaN, overlapping atoms, zero volume)
 """
@@ -134,9 +135,15 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                        help="random fraction of unflagged frames sent for calibration audit (default 0.02)")
     learn.add_argument("--mode", choices=["async", "guarantee"], default="async",
                        help="async: the MD goes on with the model; guarantee: a flagged step gets "
-                            "the reference energy and forces (computed here) (default async)")
+                            "the reference energy and forces (computed here; a step where the "
+                            "reference fails keeps the model's, with a warning, and 3 failures "
+                            "in a row stop the driver with exit status 1) (default async)")
     learn.add_argument("--reference", default="xtb",
                        help="reference calculator for guarantee mode: emt | xtb | pyscf | module:Class")
+    learn.add_argument("--max-labels", type=_count, default=None, metavar="N",
+                       help="guarantee mode: at most N reference calls in this driver (the "
+                            "run's reference budget); then flagged steps use the model's "
+                            "prediction (default: no limit)")
     learn.add_argument("--walker", default=None, help="name of this walker in the data set (default: ADDRESS)")
     learn.add_argument("--watch", action="store_true",
                        help="reload --model when it changes (on by default with --learn)")
@@ -161,6 +168,16 @@ def _positive(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is not a number of calls (0 or more)")
     return value
 
 
@@ -283,9 +300,12 @@ def run(args: argparse.Namespace, *, loader: Loader | None = None) -> int:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("rarefly driver: %(message)s"))
     logger = logging.getLogger("rarefly.client")
-    logger.addHandler(handler)
-    previous_level = logger.level
-    logger.setLevel(logging.WARNING if args.quiet else logging.INFO)
+    # the layers' messages (a failed reference, a new model version) go to the same stream
+    loggers = [logger] + [logging.getLogger(f"rarefly.{n}") for n in ("flagging", "hotswap")]
+    previous_levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(handler)
+        lg.setLevel(logging.WARNING if args.quiet else logging.INFO)
     try:
         template = read_template(args.template, args.pbc)
         try:
@@ -319,8 +339,9 @@ def run(args: argparse.Namespace, *, loader: Loader | None = None) -> int:
               "traceback above is for a bug report", file=sys.stderr)
         return EXIT_INPUT
     finally:
-        logger.removeHandler(handler)
-        logger.setLevel(previous_level)
+        for lg, level in zip(loggers, previous_levels):
+            lg.removeHandler(handler)
+            lg.setLevel(level)
 
 
 def _without_unused_gradient(predictor, args):
@@ -351,7 +372,7 @@ def _compose(args, predictor, template, loader, logger):
             raise DriverError(str(exc)) from None
         ref = ReferenceSpec(args.reference) if args.mode == "guarantee" else None
         flagger = FlaggingPredictor(predictor, args.learn, policy, walker=args.walker or args.address,
-                                    reference=ref)
+                                    reference=ref, max_labels=args.max_labels)
         closers.append(flagger.close)
         inner = flagger
         logger.info("flagging frames with confidence < %g to %s (%s mode)", args.level, args.learn, args.mode)

@@ -247,13 +247,18 @@ def prepare_holdout(cfg: RunConfig, files: Files, atoms) -> Path | None:
     return files.holdout
 
 
-def _budget_spent(cfg: RunConfig, files: Files) -> bool:
-    limit = cfg.budget.max_reference_calls
-    if limit is None or not files.events.exists():
-        return False
+def _labels_done(files: Files) -> int:
+    """Reference labels recorded so far in the run's directory (all invocations)."""
+    if not files.events.exists():
+        return 0
     from rarefly.report import read_events
 
-    return sum(e["event"] == "label" for e in read_events(files.events)) >= limit
+    return sum(e["event"] == "label" for e in read_events(files.events))
+
+
+def _budget_spent(cfg: RunConfig, files: Files) -> bool:
+    limit = cfg.budget.max_reference_calls
+    return limit is not None and _labels_done(files) >= limit
 
 
 # ----------------------------------------------------------------------------- processes
@@ -459,6 +464,11 @@ class OnTheFlyRun:
             cmd += ["--force-threshold", repr(lr.force_threshold)]
         if lr.mode == "guarantee":
             cmd += ["--reference", cfg.reference.calculator]
+            budget = cfg.budget.max_reference_calls
+            if budget is not None:
+                # the driver's own reference calls count toward the run's budget: it may
+                # make what the labels already recorded (earlier invocations) leave of it
+                cmd += ["--max-labels", str(max(0, budget - _labels_done(f)))]
         if cfg.has_bias:
             cmd += ["--cv", "--cv-endpoint", self.cv_endpoint]
         return cmd
@@ -534,16 +544,13 @@ class OnTheFlyRun:
             time.sleep(poll)
 
     def stop(self) -> None:
-        """i-PI softly (SIGINT: RESTART written, EXIT sent to the driver) and the trainer
-        (SIGTERM: it finishes the label in hand, then shuts Parsl down) at once; then wait."""
+        """i-PI softly (SIGINT: RESTART written, EXIT sent to the driver), then, once the
+        driver has exited (its last frames sent), the trainer (SIGTERM: it stores the frames
+        still queued and the labels already finished, then shuts Parsl down); then wait."""
         ipi, driver, trainer = (self.children.get(k) for k in ("ipi", "driver", "trainer"))
-        t0 = time.monotonic()
         if ipi is not None and ipi.poll() is None:
             ipi.signal(signal.SIGINT)
         budget = self.status is not None and self.status.poll()["budget"]
-        if trainer is not None and trainer.poll() is None and not budget:
-            # to the trainer only: it shuts its Parsl interchange (same group) down itself
-            trainer.signal(signal.SIGTERM, group=False)
         if ipi is not None:
             ipi.wait(30.0)
             ipi.stop(signal.SIGKILL, grace=5.0)
@@ -552,7 +559,10 @@ class OnTheFlyRun:
                 driver.wait(10.0)
             driver.stop(signal.SIGTERM, grace=10.0)
         if trainer is not None:
-            trainer.wait(max(0.0, 30.0 - (time.monotonic() - t0)))
+            if trainer.poll() is None and not budget:
+                # to the trainer only: it shuts its Parsl interchange (same group) down itself
+                trainer.signal(signal.SIGTERM, group=False)
+            trainer.wait(30.0)
             trainer.stop(signal.SIGKILL, grace=5.0)
 
     def remove_sockets(self) -> None:

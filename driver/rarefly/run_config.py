@@ -165,8 +165,8 @@ class BudgetConfig:
 
     max_reference_calls: int | None = None
     """Stop after this many labelled frames in the database, restarts included (default:
-    no limit). In guarantee mode the driver labels flagged steps itself and the run stops
-    once the trainer has recorded this many, a few more possibly."""
+    no limit). In guarantee mode the driver's own reference calls count toward it: it makes
+    at most what is left of it, then flagged steps keep the model's prediction."""
     wall_time: float | None = None
     """Stop after this much wall time per invocation; units s, min, h (default: no limit)."""
 

@@ -31,6 +31,12 @@ from rarefly.trainer.store import FrameStore
 
 log = logging.getLogger("rarefly.trainer")
 
+#: at most this many messages, or this many seconds, per receive() (see there)
+RECEIVE_BATCH = 64
+RECEIVE_SECONDS = 0.5
+#: at most this long storing the frames still queued when the trainer is stopped
+STOP_DRAIN_SECONDS = 3.0
+
 
 @dataclass
 class TrainerConfig:
@@ -107,17 +113,29 @@ class Trainer:
         return self.store.count(state="labelled")
 
     # ------------------------------------------------------------------ steps
-    def receive(self, timeout_ms: int = 200) -> int:
+    def receive(self, timeout_ms: int = 200, max_messages: int = RECEIVE_BATCH,
+                max_seconds: float = RECEIVE_SECONDS) -> int:
+        """Store the frames that arrived (waiting up to ``timeout_ms`` for the first).
+
+        At most ``max_messages`` messages or ``max_seconds`` per call: drivers that flag
+        faster than frames are stored cannot keep the loop here, away from submitting,
+        collecting (a finished label waits in memory until collected) and publishing, or
+        from a SIGTERM. What is left stays queued in zmq for the next call. Every frame is
+        committed to the database as it is taken from the socket. Returns the frames stored.
+        """
         import zmq
 
         n = 0
         if not self.sock.poll(timeout_ms):
             return 0
-        while True:
+        t_end = time.monotonic() + max_seconds
+        for _ in range(max_messages):
+            if time.monotonic() >= t_end:
+                break
             try:
                 frames = self.sock.recv_multipart(flags=zmq.NOBLOCK)
             except zmq.Again:
-                return n
+                break
             try:
                 msg = decode(frames)
             except MessageError as exc:
@@ -133,6 +151,7 @@ class Trainer:
                 self._record_label(row, msg.structure, float(h["ref_energy"]), msg.ref_forces,
                                    h.get("reference", "driver"))
             n += row is not None
+        return n
 
     def select_and_submit(self) -> None:
         budget = self.cfg.max_labels
@@ -264,10 +283,23 @@ class Trainer:
                         and not self._in_flight and self._new_since_update == 0:
                     self._event("budget", labels=self.labels_done())
                     break
+            else:
+                self._wind_down()
         finally:
             signal.signal(signal.SIGTERM, old)
             self.close()
         return 0
+
+    def _wind_down(self, seconds: float = STOP_DRAIN_SECONDS) -> None:
+        """On SIGTERM or --max-seconds: store the frames still queued in zmq (a driver's last
+        ones, labelled ones in guarantee mode), record the labels already finished and
+        publish them, so a clean stop loses nothing; at most ``seconds`` of receiving."""
+        t_end = time.monotonic() + seconds
+        while time.monotonic() < t_end and self.receive(
+                timeout_ms=0, max_seconds=max(0.0, t_end - time.monotonic())):
+            pass
+        self.collect()
+        self.maybe_update()
 
     def close(self) -> None:
         self._event("stop", labels=self.labels_done(), model_version=self.posterior.model_version)
