@@ -8,20 +8,25 @@ System: alanine dipeptide (ACE-ALA-NME, 22 atoms) in vacuum, benchmarks/data/ala
 Runs, all with stock i-PI + `rarefly driver --cv` + PLUMED (PyCV) at the same temperature,
 timestep, thermostat and number of steps, each starting from the same structure:
   unbiased   PLUMED only prints (sigma_E, phi, psi)
-  metad      well-tempered METAD on sigma_E                  (plumed_inputs/metad.dat)
   metad_2d   well-tempered METAD on (sigma_E, phi)            (plumed_inputs/metad_2d.dat)
-  hal        linear bias -tau*sigma_E + upper wall on sigma_E (plumed_inputs/hal.dat)
+  metad      well-tempered METAD on sigma_E                  (plumed_inputs/metad.dat)
+  hal        linear bias -tau*sigma_E                        (plumed_inputs/hal.dat)
   udd        bounded A[exp(-sigma^2/B^2) - 1]                 (plumed_inputs/udd.dat)
-The bias parameters (eV) are set from the unbiased run's sigma_E (mean s0, std ds), as the
-inputs' "Scale" notes say.
+  opes       OPES_METAD on sigma_E                           (plumed_inputs/opes.dat)
+  metad_2d_w metad_2d with a wider hill along sigma_E
+  every biased run also has an upper wall on sigma_E        (plumed_inputs/upper_wall.dat)
+  unbiased_b optional second unbiased run (--extra-unbiased N, another seed)
+The bias parameters (eV) are set from the unbiased run's sigma_E (mean s0, std ds) and kT by
+the rules in bias_inputs(), as the inputs' "Scale" notes say.
 
 Measured per run: barrier crossings per 10,000 steps (state L: -180 < phi < -30 deg, the C7eq
 side; state R: 30 < phi < 130 deg, C7ax; a crossing is a change of state, other phi keep the
 last state: hysteresis), the fraction of frames near the transition state (|phi| < 30 deg),
-the physical temperature (i-PI's `temperature`, mean and std, K), sigma_E (mean, max) and the
-wall time.
+the physical temperature (i-PI's `temperature`, mean and std, K), sigma_E (mean, max), the
+largest covalent-bond stretch, the wall time, and (--xtb-check) the model - xTB energy error on
+frames of each phi region of the unbiased and the best biased run.
 
-    python benchmarks/bench_rare_events.py [--steps 10000] [--temperature 300] [--only NAME ...]
+    python benchmarks/bench_rare_events.py [--steps 6000] [--extra-unbiased 6000] [--reuse] [--only NAME ...]
 
 Output: a table on stdout (committed as bench_rare_events.out); run folders under
 /tmp/rarefly_bench_rare_events/.
@@ -327,7 +332,7 @@ def unbiased_stats(steps: int, a: argparse.Namespace) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=10000)
+    ap.add_argument("--steps", type=int, default=6000)
     ap.add_argument("--temperature", type=float, default=300.0)
     ap.add_argument("--dt", type=float, default=1.0, help="fs")
     ap.add_argument("--only", nargs="*", help="biased runs to do (default: all)")
