@@ -468,10 +468,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
                         help="folder for the model, the run's inputs, outputs and report "
                              "(default: %(default)s)")
-    parser.add_argument("--steps", type=_positive, default=None,
+    parser.add_argument("--steps", type=_positive_count, default=None,
                         help="MD steps of 0.5 fs (default: 1000 for the learning run, "
                              f"{DEFAULT_STEPS} with --no-learning)")
-    parser.add_argument("--max-reference-calls", type=_positive, default=None, metavar="N",
+    parser.add_argument("--max-reference-calls", type=_positive_count, default=None, metavar="N",
                         help="reference calls after which the learning run stops "
                              "(default: 24, as in demo.toml)")
     parser.add_argument("--no-learning", action="store_true",
@@ -490,14 +490,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="the molecule to simulate (default: the shipped ethanol.xyz)")
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive number of steps")
-    return value
+
+
+def _positive_count(text: str) -> int:
+    from rarefly.driver_cli import whole_number
+
+    return whole_number(1, "a positive number")(text)
 
 
 def run(args: argparse.Namespace) -> int:

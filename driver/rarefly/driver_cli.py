@@ -171,14 +171,21 @@ def _positive(text: str) -> float:
     return value
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is not a number of calls (0 or more)")
-    return value
+def whole_number(minimum: int, what: str):
+    """An argparse ``type``: a whole number >= ``minimum``; ``what`` names it in the error,
+    e.g. "a number of calls (0 or more)"."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is not {what}")
+        return value
+    return parse
+
+
+_count = whole_number(0, "a number of calls (0 or more)")
 
 
 def _seconds(text: str) -> float:
