@@ -19,7 +19,10 @@ def while_unlocked(read, path, tries=50):
         try:
             return read(connect(str(path), type="db"))
         except Exception as exc:  # noqa: BLE001 - sqlite busy while the trainer writes
-            if "locked" not in str(exc) and "no such table" not in str(exc):
+            # also transient: the trainer creating the database (tables there, ase's version
+            # row not yet: ase's reader fails with a TypeError on the missing row)
+            if ("locked" not in str(exc) and "no such table" not in str(exc)
+                    and not isinstance(exc, TypeError)):
                 raise
             time.sleep(0.1)
     raise AssertionError(f"{path} stayed locked")
