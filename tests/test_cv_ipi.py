@@ -139,6 +139,23 @@ def colvar(path: Path) -> dict[str, np.ndarray]:
     return dict(zip(fields, data.T))
 
 
+def kill_driver_and_wait(driver, ipi, timeout: float = 40.0) -> tuple[str, float]:
+    """SIGKILL the driver (or the CV service); i-PI's output and the seconds it took to stop
+    after the kill."""
+    driver.send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    out = ipi.communicate(timeout=timeout)[0]
+    return out, time.monotonic() - killed
+
+
+def reap(*procs) -> None:
+    """Kill what is still running (a failed test) and wait for every process."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
 def data_lines(path: Path) -> list[str]:
     return [ln for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
 
@@ -362,10 +379,7 @@ def test_killing_the_service_stops_ipi_with_a_clear_message(tmp_path):
         while not (colvar_file.exists() and len(data_lines(colvar_file)) >= 3):
             assert ipi.poll() is None and time.monotonic() < deadline + 30
             time.sleep(0.05)
-        server.send_signal(signal.SIGKILL)
-        killed = time.monotonic()
-        out = ipi.communicate(timeout=30)[0]
-        elapsed = time.monotonic() - killed
+        out, elapsed = kill_driver_and_wait(server, ipi, timeout=30)
     finally:
         server.kill()
         server.wait()
@@ -394,15 +408,9 @@ def test_killing_the_driver_stops_ipi_waiting_for_forces(tmp_path):
                    and len(data_lines(tmp_path / "sim.out")) >= 10):
             assert ipi.poll() is None and driver.poll() is None and time.monotonic() < deadline
             time.sleep(0.05)
-        driver.send_signal(signal.SIGKILL)
-        killed = time.monotonic()
-        out = ipi.communicate(timeout=40)[0]
-        elapsed = time.monotonic() - killed
+        out, elapsed = kill_driver_and_wait(driver, ipi)
     finally:
-        for proc in (driver, ipi):
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
+        reap(driver, ipi)
     assert ipi.returncode == 1, out[-3000:]
     assert elapsed < 2.0 + 10.0, elapsed
     assert f"no answer from the rarefly driver at {endpoint} within 2 s" in out

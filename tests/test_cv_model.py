@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -23,8 +22,8 @@ import pytest
 from rarefly import cv as rcv
 from rarefly import cv_service as cs
 from rarefly.prediction import Structure
-from test_cv_ipi import (IPI, colvar, data_lines, ipi_env, ipi_xml, prepare, read_frames,
-                         run_ipi, write_frames)
+from test_cv_ipi import (IPI, colvar, data_lines, ipi_env, ipi_xml, kill_driver_and_wait, prepare,
+                         read_frames, reap, run_ipi, write_frames)
 from test_cv_service import unique_endpoint
 
 pytestmark = pytest.mark.slow
@@ -237,15 +236,9 @@ def test_rarefly_driver_cv_serves_from_cache_and_its_death_stops_ipi(tmp_path, r
             assert time.monotonic() < deadline
             time.sleep(0.1)
         stats = json.loads(cs.request(endpoint, cs.encode_op("stats"), timeout_s=5)[0])
-        driver.send_signal(signal.SIGKILL)
-        killed = time.monotonic()
-        out = ipi.communicate(timeout=40)[0]
-        elapsed = time.monotonic() - killed
+        out, elapsed = kill_driver_and_wait(driver, ipi)
     finally:
-        for proc in (driver, ipi):
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
+        reap(driver, ipi)
     assert stats["requests"] >= 8 and stats["hits"] == stats["requests"]
     assert stats["evaluations"] == 0
     assert ipi.returncode == 1, out[-3000:]
@@ -280,10 +273,7 @@ def test_rarefly_driver_cv_path_integrals_evaluate_the_centroid_once_per_step(tm
         out = ipi.communicate(timeout=10)[0]
         driver.wait(20)
     finally:
-        for proc in (driver, ipi):
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
+        reap(driver, ipi)
     assert ipi.returncode == 0 and driver.returncode == 0, out[-2000:]
     assert len(colvar(tmp_path / "COLVAR")["sigma"]) == steps
     last = stats[-1]
