@@ -26,3 +26,33 @@ def while_unlocked(read, path, tries=50):
                 raise
             time.sleep(0.1)
     raise AssertionError(f"{path} stayed locked")
+
+
+def socket_md_xml(outputs: str, *, steps: int, socket: str, xyz, temperature: float, seed: int,
+                  floatformat: str | None = None) -> str:
+    """i-PI input: SVR NVT MD (0.5 fs) of the molecule in ``xyz`` in a 20 A box on an
+    ``<ffsocket>`` named "rarefly" at UNIX socket ``socket``; ``outputs`` is the body of
+    ``<output prefix="sim">``."""
+    fmt = f' floatformat="{floatformat}"' if floatformat else ""
+    return f"""<simulation verbosity="low"{fmt}>
+  <output prefix="sim">
+{outputs}
+  </output>
+  <total_steps>{steps}</total_steps>
+  <prng><seed>{seed}</seed></prng>
+  <ffsocket name="rarefly" mode="unix" pbc="false"><address>{socket}</address><latency>1e-4</latency></ffsocket>
+  <system>
+    <initialize nbeads="1">
+      <file mode="ase">{xyz}</file>
+      <cell mode="abc" units="angstrom"> [20.0, 20.0, 20.0] </cell>
+      <velocities mode="thermal" units="kelvin">{temperature:g}</velocities>
+    </initialize>
+    <forces><force forcefield="rarefly"/></forces>
+    <ensemble><temperature units="kelvin">{temperature:g}</temperature></ensemble>
+    <motion mode="dynamics"><dynamics mode="nvt">
+      <timestep units="femtosecond">0.5</timestep>
+      <thermostat mode="svr"><tau units="femtosecond">20</tau></thermostat>
+    </dynamics></motion>
+  </system>
+</simulation>
+"""

@@ -22,36 +22,15 @@ import numpy as np
 import pytest
 
 from _ref_calculators import read_log, structure_key
-from _trainer_io import read_events, while_unlocked
+from _trainer_io import read_events, socket_md_xml, while_unlocked
 
 pytestmark = pytest.mark.slow
 
 STEPS = 20
 
-IPI_XML = """<simulation verbosity="low" floatformat="%.15e">
-  <output prefix="sim">
-    <properties filename="out" stride="1"> [ step, potential ] </properties>
+OUTPUTS = """    <properties filename="out" stride="1"> [ step, potential ] </properties>
     <trajectory filename="pos" stride="1" format="ase"> positions </trajectory>
-    <trajectory filename="extra" stride="1" extra_type="flagged,model_version"> extras </trajectory>
-  </output>
-  <total_steps>{steps}</total_steps>
-  <prng><seed>11</seed></prng>
-  <ffsocket name="rarefly" mode="unix" pbc="false"><address>{socket}</address><latency>1e-4</latency></ffsocket>
-  <system>
-    <initialize nbeads="1">
-      <file mode="ase">{xyz}</file>
-      <cell mode="abc" units="angstrom"> [20.0, 20.0, 20.0] </cell>
-      <velocities mode="thermal" units="kelvin">900</velocities>
-    </initialize>
-    <forces><force forcefield="rarefly"/></forces>
-    <ensemble><temperature units="kelvin">900</temperature></ensemble>
-    <motion mode="dynamics"><dynamics mode="nvt">
-      <timestep units="femtosecond">0.5</timestep>
-      <thermostat mode="svr"><tau units="femtosecond">20</tau></thermostat>
-    </dynamics></motion>
-  </system>
-</simulation>
-"""
+    <trajectory filename="extra" stride="1" extra_type="flagged,model_version"> extras </trajectory>"""
 
 
 def _extras(path):
@@ -108,8 +87,9 @@ def test_guarantee_mode_integrates_reference_forces_on_flagged_steps(tmp_path, m
     env = dict(child_env, PYTHONPATH=os.pathsep.join(
         [str(Path(__file__).parent)] + [p for p in [child_env.get("PYTHONPATH")] if p]))
     rarefly = [sys.executable, "-m", "rarefly.cli"]
-    (tmp_path / "input.xml").write_text(IPI_XML.format(steps=STEPS, socket=name,
-                                                       xyz=DATA_DIR / "ethanol.xyz"))
+    (tmp_path / "input.xml").write_text(socket_md_xml(
+        OUTPUTS, steps=STEPS, socket=name, xyz=DATA_DIR / "ethanol.xyz", temperature=900, seed=11,
+        floatformat="%.15e"))
     t0 = time.time()
     trainer = subprocess.Popen(
         rarefly + ["trainer", "--model", str(model), "--db", str(db), "--endpoint", endpoint,

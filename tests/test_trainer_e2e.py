@@ -13,33 +13,13 @@ import time
 import numpy as np
 import pytest
 
+from _trainer_io import socket_md_xml
 from rarefly.foundation import DATA_DIR
 
 pytestmark = pytest.mark.slow
 
-IPI_XML = """<simulation verbosity="low">
-  <output prefix="sim">
-    <properties filename="out" stride="10"> [ step, temperature{{kelvin}}, potential{{electronvolt}} ] </properties>
-    <trajectory filename="version" stride="1" extra_type="model_version"> extras </trajectory>
-  </output>
-  <total_steps>{steps}</total_steps>
-  <prng><seed>7</seed></prng>
-  <ffsocket name="rarefly" mode="unix" pbc="false"><address>{socket}</address><latency>1e-4</latency></ffsocket>
-  <system>
-    <initialize nbeads="1">
-      <file mode="ase">{xyz}</file>
-      <cell mode="abc" units="angstrom"> [20.0, 20.0, 20.0] </cell>
-      <velocities mode="thermal" units="kelvin">600</velocities>
-    </initialize>
-    <forces><force forcefield="rarefly"/></forces>
-    <ensemble><temperature units="kelvin">600</temperature></ensemble>
-    <motion mode="dynamics"><dynamics mode="nvt">
-      <timestep units="femtosecond">0.5</timestep>
-      <thermostat mode="svr"><tau units="femtosecond">20</tau></thermostat>
-    </dynamics></motion>
-  </system>
-</simulation>
-"""
+OUTPUTS = """    <properties filename="out" stride="10"> [ step, temperature{kelvin}, potential{electronvolt} ] </properties>
+    <trajectory filename="version" stride="1" extra_type="model_version"> extras </trajectory>"""
 
 
 def _holdout(path, n=6):
@@ -79,8 +59,8 @@ def test_on_the_fly_learning_publishes_versions_the_driver_uses(tmp_path, model_
                    "--max-labels", "4", "--holdout", str(holdout), "--no-align",
                    "--max-seconds", "240"],
         cwd=tmp_path, env=child_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    (tmp_path / "input.xml").write_text(IPI_XML.format(steps=400, socket=name,
-                                                       xyz=DATA_DIR / "ethanol.xyz"))
+    (tmp_path / "input.xml").write_text(socket_md_xml(
+        OUTPUTS, steps=400, socket=name, xyz=DATA_DIR / "ethanol.xyz", temperature=600, seed=7))
     ipi = subprocess.Popen([shutil.which("i-pi") or str(__import__("pathlib").Path(sys.executable).parent / "i-pi"),
                             "input.xml"], cwd=tmp_path, env=child_env,
                            stdout=open(tmp_path / "ipi.log", "w"), stderr=subprocess.STDOUT)
