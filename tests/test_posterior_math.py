@@ -130,6 +130,28 @@ def test_batch_equals_single(posterior):
         np.testing.assert_allclose(b.forces_sigma, one.forces_sigma, rtol=1e-7)
 
 
+def test_sghmc_sample_loop_equals_vmap():
+    """On a CPU, large graphs evaluate the samples one after another: same numbers as vmap."""
+    post = SGHMCPosterior(Backbone(random_mace()), PosteriorSettings(),
+                          SGHMCConfig(num_samples=3, cycle_steps=6, batch_size=2))
+    post.fit(_frames())
+    structs = [_molecule(6), _periodic(7)]
+    post.config.loop_min_edges = 10 ** 9
+    via_vmap = post.predict(structs)
+    post.config.loop_min_edges = 0
+    via_loop = post.predict(structs)
+    assert via_loop[0].energy_sigma > 1e-6  # the samples differ: the check has teeth
+    for a, b in zip(via_vmap, via_loop):
+        assert a.energy == pytest.approx(b.energy, abs=1e-10)
+        np.testing.assert_allclose(a.forces, b.forces, atol=1e-10)
+        assert a.energy_sigma == pytest.approx(b.energy_sigma, rel=1e-9)
+        np.testing.assert_allclose(a.energy_sigma_gradient, b.energy_sigma_gradient, atol=1e-10)
+        np.testing.assert_allclose(a.forces_sigma, b.forces_sigma, rtol=1e-9)
+    np.testing.assert_allclose(via_vmap[1].stress, via_loop[1].stress, atol=1e-10)
+    np.testing.assert_allclose(via_vmap[1].energy_sigma_cell_gradient,
+                               via_loop[1].energy_sigma_cell_gradient, atol=1e-10)
+
+
 def test_sigma_gradient_switch(posterior):
     """Without the sigma_E gradient (a driver without --cv) everything else is unchanged."""
     structs = [_molecule(4), _periodic(5)]

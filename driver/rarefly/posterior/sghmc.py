@@ -17,8 +17,11 @@ the newest frames are over-sampled with importance weights that keep the gradien
 The seed paper runs 2000 steps per cycle; our default is ``cycle_steps = 200`` (one tenth),
 see the README for the measured effect on calibration.
 
-Prediction evaluates the S samples together: ``torch.func.vmap`` over stacked parameters on
-one shared graph (one neighbour list), with ``grad`` for forces and stress.
+Prediction evaluates the S samples together on one shared graph (one neighbour list):
+``torch.func.vmap`` over stacked parameters with ``grad`` for forces and stress, or, on a CPU
+for graphs of ``loop_min_edges`` edges or more, one plain autograd pass per sample on that
+graph (measured faster there). Either way d sigma_E/dR comes from the per-sample forces,
+without another backward pass.
 """
 
 from __future__ import annotations
@@ -54,6 +57,10 @@ class SGHMCConfig:
     beta: float = 0.999
     force_noise_head: bool = True
     seed: int = 0
+    #: on a CPU, graphs with at least this many edges evaluate the samples one after another
+    #: (plain autograd) instead of vmapped: measured faster from ~350 edges (22-atom alanine
+    #: dipeptide: equal; 64-atom box, ~2,900 edges: 1.7x faster)
+    loop_min_edges: int = 350
 
     @classmethod
     def from_dict(cls, d: dict) -> "SGHMCConfig":
@@ -121,9 +128,12 @@ class SGHMCPosterior(Posterior):
                                        (data, pos, st if periodic else None, G))
             return e.sum(), (e, sig_f)
 
-        g = grad(energy, argnums=(1, 2), has_aux=True)
-        with vmappable_mace():
-            (dpos, dstr), (e_s, sigf_s) = vmap(g, in_dims=(0, None, None))(self.samples, pos0, str0)
+        if self._loop_over_samples(data):
+            dpos, dstr, e_s, sigf_s = self._per_sample_loop(data, pos0, str0 if periodic else None, G)
+        else:
+            g = grad(energy, argnums=(1, 2), has_aux=True)
+            with vmappable_mace():
+                (dpos, dstr), (e_s, sigf_s) = vmap(g, in_dims=(0, None, None))(self.samples, pos0, str0)
         S = e_s.shape[0]
         f_s = -dpos                                           # (S, n, 3)
         e_mean, f_mean = e_s.mean(0), f_s.mean(0)
@@ -142,6 +152,32 @@ class SGHMCPosterior(Posterior):
         sgrad = (2.0 / denom) * (de[:, :, None, None] * (dstr - dstr_mean)).sum(0) if periodic else None
         return Moments(energy=e_mean, forces=f_mean, dE_dstrain=dstr_mean, var_energy=var_e,
                        grad_var_energy=grad_var, strain_grad_var_energy=sgrad, var_forces=var_f)
+
+    def _loop_over_samples(self, data) -> bool:
+        """One plain forward/backward per sample on the shared graph instead of ``vmap``?
+        On a CPU, vmap wins for small graphs (per-call overhead) and loses for large ones
+        (``benchmarks/bench_driver.out``); on a GPU, vmap always."""
+        if self.device.type != "cpu":
+            return False
+        return int(data["edge_index"].shape[1]) >= self.config.loop_min_edges
+
+    def _per_sample_loop(self, data, pos0, str0, G: int):
+        """Per-sample (dE/dR, dE/dstrain, E, sigma_F) stacked over samples, as ``vmap`` gives
+        them: the graph (neighbour list, shifts) is built once and shared."""
+        dpos, dstr, e_s, sigf_s = [], [], [], []
+        for k in range(self.num_samples):
+            params = {n: v[k] for n, v in self.samples.items()}
+            pos = pos0.clone().requires_grad_(True)
+            st = None if str0 is None else str0.clone().requires_grad_(True)
+            e, sig_f = functional_call(self.net, (params, self._buffers), (data, pos, st, G))
+            grads = torch.autograd.grad(e.sum(), [pos] + ([st] if st is not None else []))
+            dpos.append(grads[0])
+            if st is not None:
+                dstr.append(grads[1])
+            e_s.append(e.detach())
+            sigf_s.append(sig_f.detach())
+        return (torch.stack(dpos), torch.stack(dstr) if dstr else None,
+                torch.stack(e_s), torch.stack(sigf_s))
 
     # ------------------------------------------------------------------ sampling
     def _nll(self, params_net: nn.Module, batch: Sequence[LabelledFrame]) -> torch.Tensor:
