@@ -247,3 +247,68 @@ def test_restart_relearns_exactly_the_labels_the_model_file_lacks(tmp_path, mode
         {"f0": v0, "f1": v0 + 1, "f2": v0 + 1}
     start = [e for e in _events(tmp_path / "frames.jsonl") if e["event"] == "start"][0]
     assert start["recovered"] == 1 and start["labelled"] == 3
+
+
+def test_backbone_refinement_learns_all_weights_and_restarts_from_the_first_prior(tmp_path, model_file):
+    """With --backbone-steps the trainer refines every MACE weight, conditions the readout
+    posterior again on every label from the prior it started with, stores that prior in the
+    model file, and a restarted trainer takes it from there (real xTB labels, real MACE)."""
+    import numpy as np
+    import torch
+
+    from rarefly.posterior import load_posterior
+    from rarefly.trainer.labelling import ExecutorSpec
+    from rarefly.trainer.loop import Trainer, TrainerConfig
+    from rarefly.trainer.reference import ReferenceSpec, label
+    from rarefly.trainer.store import FrameStore
+
+    model = tmp_path / "model.rfly"
+    model.write_bytes(Path(model_file).read_bytes())
+    start = load_posterior(model)
+    st = FrameStore(tmp_path / "frames.db")
+    ref = ReferenceSpec("xtb")
+    frames = _frames(4)
+    labels = {}
+    for k, s in enumerate(frames[:3]):
+        rid = st.add(s, frame_id=f"f{k}", origin="flagged")
+        labels[k] = label(ref, s.numbers, s.positions)
+        st.add_label(rid, *labels[k], ref.describe())
+    del st
+
+    def config():
+        return TrainerConfig(model=str(model), database=str(tmp_path / "frames.db"),
+                             endpoint=f"ipc://{tmp_path}/learn", reference=ref,
+                             executor=ExecutorSpec("threads"), align_energies=False,
+                             backbone_steps=40, backbone_every=2)
+
+    def force_rmse(post):
+        preds = post.predict(frames[:3])
+        return float(np.sqrt(np.mean([(p.forces - labels[k][1]) ** 2 for k, p in enumerate(preds)])))
+
+    tr = Trainer(config())
+    try:
+        assert tr.maybe_update()
+    finally:
+        tr.close()
+    refined = load_posterior(model)
+    publish = [e for e in _events(tmp_path / "frames.jsonl") if e["event"] == "publish"][-1]
+    assert publish["gradient_steps"] == 40
+    moved = [k for k, v in refined.backbone.model.state_dict().items()
+             if v.is_floating_point() and not torch.equal(v, start.backbone.model.state_dict()[k])]
+    assert any(k.startswith("interactions.0.") for k in moved)        # not only the readout
+    torch.testing.assert_close(refined.base_posterior[0], start.mean)  # the first prior, kept
+    assert force_rmse(refined) < 0.8 * force_rmse(start)
+
+    st = FrameStore(tmp_path / "frames.db")
+    rid = st.add(frames[3], frame_id="f3", origin="flagged")
+    st.add_label(rid, *label(ref, frames[3].numbers, frames[3].positions), ref.describe())
+    del st
+    tr = Trainer(config())                      # restart: the prior is the first one again
+    try:
+        torch.testing.assert_close(tr._start_mean, start.mean)
+        assert tr._redesign and len(tr._new_frames) == 1
+        assert tr.maybe_update()
+        assert len(tr.store.labelled_frames()) == 4
+    finally:
+        tr.close()
+    assert load_posterior(model).model_version == refined.model_version + 1

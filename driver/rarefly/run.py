@@ -440,6 +440,9 @@ class OnTheFlyRun:
                "--reference", cfg.reference.calculator,
                "--executor", cfg.labelling.executor, "--workers", str(cfg.labelling.workers),
                "--update-every", str(cfg.learning.update_every)]
+        if cfg.learning.backbone_steps:
+            cmd += ["--backbone-steps", str(cfg.learning.backbone_steps),
+                    "--backbone-every", str(cfg.learning.backbone_every)]
         for k, v in cfg.reference.options.items():
             cmd += ["--reference-option", f"{k}={v}"]
         for k, v in cfg.labelling.options.items():

@@ -124,6 +124,12 @@ class LearningConfig:
     reference energy and forces, computed by the driver (default async)."""
     update_every: int = 1
     """Labels per posterior update and published model version (default 1)."""
+    backbone_steps: int = 0
+    """lastlayer models: Adam steps on all MACE weights every ``backbone_every`` labels, after
+    which the readout posterior is conditioned on every label again (default 0: readout-only
+    learning, exact and fast; 100-300 let the model learn what its readout cannot)."""
+    backbone_every: int = 10
+    """Labels between backbone refinements (default 10)."""
     align_energies: bool = True
     """Align the reference's energy zero to the model's at the first label (default true)."""
     holdout_file: Path | None = None
@@ -404,6 +410,8 @@ _CONVERT = {
     ("learning", "audit_fraction"): _fraction(open_low=False),
     ("learning", "mode"): _choice(MODES),
     ("learning", "update_every"): _positive(lambda v, w, b: _int(v, w)),
+    ("learning", "backbone_steps"): _positive(lambda v, w, b: _int(v, w), strict=False),
+    ("learning", "backbone_every"): _positive(lambda v, w, b: _int(v, w)),
     ("learning", "holdout_file"): _path,
     ("learning", "holdout_frames"): _positive(lambda v, w, b: _int(v, w), strict=False),
     ("reference", "options"): _table_of((str, int, float),

@@ -36,6 +36,15 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                         "address=10.0.0.5 for slurm, worker_init='module load xtb' for local")
     p.add_argument("--max-labels", type=int, help="budget of reference calls")
     p.add_argument("--update-every", type=int, default=1, help="labels per posterior update")
+    from rarefly.driver_cli import whole_number
+
+    p.add_argument("--backbone-steps", type=whole_number(0, "a number of steps (0 or more)"), default=0, metavar="N",
+                   help="lastlayer models: every --backbone-every labels, N Adam steps on all MACE "
+                        "weights, then the readout posterior is conditioned on every label again "
+                        "(default 0: readout-only learning; 100-300 measured useful)")
+    p.add_argument("--backbone-every", type=whole_number(1, "a positive number of labels"), default=10, metavar="K",
+                   help="labels between backbone refinements (default 10)")
+    p.add_argument("--backbone-lr", type=float, default=1e-3, help="Adam learning rate of the refinement")
     p.add_argument("--holdout", help="extxyz of held-out reference frames: errors logged per version")
     p.add_argument("--max-seconds", type=float, help="stop after this wall time")
     p.add_argument("--no-align", action="store_true", help="do not align reference energies at the first label")
@@ -71,7 +80,9 @@ def run(args) -> int:
                             executor=ExecutorSpec(args.executor, args.workers,
                                                   _options(args.executor_option)),
                             update_every=args.update_every, max_labels=args.max_labels,
-                            align_energies=not args.no_align, holdout=args.holdout)
+                            align_energies=not args.no_align, holdout=args.holdout,
+                            backbone_steps=args.backbone_steps, backbone_every=args.backbone_every,
+                            backbone_lr=args.backbone_lr)
         trainer = Trainer(cfg)
     except (ReferenceError, LabellingError, ValueError, FileNotFoundError) as exc:
         print(f"rarefly trainer: {exc}", file=sys.stderr)

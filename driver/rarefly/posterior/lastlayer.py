@@ -55,6 +55,8 @@ class LastLayerPosterior(Posterior):
         self.local_reference = float(local_reference)
         #: (energy eV, force eV/A) noise of the likelihood
         self.fit_noise = tuple(fit_noise) if fit_noise else (settings.energy_noise, settings.force_noise)
+        #: (mean, cov) the trainer conditions on all its labels after a backbone refinement
+        self.base_posterior: tuple[torch.Tensor, torch.Tensor] | None = None
         self.set_posterior(mean, cov, rank)
 
     def set_posterior(self, mean: torch.Tensor, cov: torch.Tensor, rank: int | None = None) -> None:
@@ -208,6 +210,62 @@ class LastLayerPosterior(Posterior):
         return {"energy_rmse": rms_e, "force_rmse": rms_f, "n_frames": blocks[5][0],
                 "gradient_steps": 0}
 
+    def refine_backbone(self, frames: Sequence[LabelledFrame], steps: int, lr: float = 1e-3,
+                        batch_size: int = 4, anchor: dict | None = None, seed: int = 0,
+                        progress: bool = False) -> dict:
+        """Adam steps on *all* MACE weights (the readout's energy given by the posterior mean)
+        against the energies and forces of ``frames``, weighted by the fit's noise levels, with
+        a Gaussian anchor of width ``settings.prior_sigma`` around ``anchor`` (name -> tensor;
+        default: the weights before this call). The readout features change, so the caller
+        conditions the posterior again on the design of every frame (see the trainer).
+
+        Why: a readout-only posterior cannot absorb what a foundation model gets wrong in a new
+        region; conditioning it on such frames trades accuracy elsewhere for them
+        (``benchmarks/bench_onthefly.out``). Returns gradient steps and the last loss per frame.
+        """
+        from rarefly.graph import build_graph
+
+        if not frames:
+            raise ValueError("no labelled frames to refine the backbone on")
+        model = self.backbone.model
+        named = [(k, p) for k, p in model.named_parameters() if p.is_floating_point()]
+        center = {k: (anchor[k] if anchor and k in anchor else p.detach().clone()) for k, p in named}
+        params = [p for _, p in named]
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.Adam(params, lr=lr)
+        se, sf = self.fit_noise
+        rng = np.random.default_rng(seed + self.model_version)
+        mean = self.mean.detach()
+        dt, dev = self.dtype, self.device
+        N = len(frames)
+        B = min(batch_size, N)
+        ref_e_all = [self.offset_energy(f.structure.numbers, f.energy) for f in frames]
+        prior_w = 1.0 / (2 * self.settings.prior_sigma ** 2 * N)
+        loss_val = float("nan")
+        try:
+            for _step in tqdm(range(steps), desc="backbone", unit="step", disable=not progress):
+                idx = rng.choice(N, size=B, replace=False)
+                sub = [frames[i] for i in idx]
+                data = build_graph([f.structure for f in sub], self.r_max, self.atomic_numbers, dt, dev)
+                pos = data["positions"].detach().clone().requires_grad_(True)
+                out = self.backbone(data, pos, None)
+                e = _graph_sum(out["fixed"] + out["phi"] @ mean, data["batch"], B)
+                (dE,) = torch.autograd.grad(e.sum(), pos, create_graph=True)
+                ref_e = torch.tensor([ref_e_all[i] for i in idx], dtype=dt, device=dev)
+                ref_f = torch.as_tensor(np.concatenate([f.forces for f in sub]), dtype=dt, device=dev)
+                loss = ((((e - ref_e) / se) ** 2).sum() + (((-dE - ref_f) / sf) ** 2).sum()) / B
+                loss = loss + prior_w * sum(((p - center[k]) ** 2).sum() for k, p in named)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                loss_val = float(loss.detach())
+        finally:
+            for p in params:
+                p.requires_grad_(False)
+                p.grad = None
+        return {"gradient_steps": int(steps), "backbone_loss_per_frame": loss_val}
+
     @torch.no_grad()
     def _mean_local_variance(self, frames) -> float:
         from rarefly.graph import build_graph
@@ -244,10 +302,16 @@ class LastLayerPosterior(Posterior):
 
     # ------------------------------------------------------------------ model file
     def payload(self) -> dict:
-        return {"mean": self.mean.detach().cpu(), "cov": self.cov.detach().cpu(), "rank": self.rank,
-                "fit_noise": list(self.fit_noise), "local_reference": self.local_reference}
+        out = {"mean": self.mean.detach().cpu(), "cov": self.cov.detach().cpu(), "rank": self.rank,
+               "fit_noise": list(self.fit_noise), "local_reference": self.local_reference}
+        if self.base_posterior is not None:
+            out["base_mean"], out["base_cov"] = (t.detach().cpu() for t in self.base_posterior)
+        return out
 
     @classmethod
     def from_payload(cls, backbone: Backbone, settings: PosteriorSettings, post: dict, **kw):
-        return cls(backbone, settings, post["mean"], post["cov"], rank=int(post.get("rank", 0)),
-                   fit_noise=post.get("fit_noise"), local_reference=post.get("local_reference", 0.0), **kw)
+        obj = cls(backbone, settings, post["mean"], post["cov"], rank=int(post.get("rank", 0)),
+                  fit_noise=post.get("fit_noise"), local_reference=post.get("local_reference", 0.0), **kw)
+        if "base_mean" in post:
+            obj.base_posterior = (post["base_mean"].to(obj.dtype), post["base_cov"].to(obj.dtype))
+        return obj

@@ -51,6 +51,11 @@ class TrainerConfig:
     align_energies: bool = True                  # offset at the first label (METHOD.md §1)
     holdout: str | None = None                   # extxyz of held-out reference frames
     sghmc_cycles: int = 1
+    #: lastlayer: Adam steps on all MACE weights every ``backbone_every`` labels, after which the
+    #: readout posterior is conditioned afresh on every label (0: readout-only learning)
+    backbone_steps: int = 0
+    backbone_every: int = 10
+    backbone_lr: float = 1e-3
     events: str | None = None                    # trainer.jsonl path (default: beside the db)
 
 
@@ -69,6 +74,17 @@ class Trainer:
         self._start_mean = getattr(self.posterior, "mean", None)
         self._start_cov = getattr(self.posterior, "cov", None)
         self._blocks = None
+        self._labels_since_refine = 0
+        self._redesign = False
+        if self._refines():
+            # weights at start anchor every refinement; the readout prior is the posterior
+            # before the first trainer label (kept in the model file once a refinement ran)
+            self._anchor = {k: v.detach().clone()
+                            for k, v in self.posterior.backbone.model.named_parameters()}
+            base = getattr(self.posterior, "base_posterior", None)
+            if base is not None:
+                self._start_mean, self._start_cov = base
+                self._redesign = True     # design every label again at the next update
         self._pending_cal: list[LabelledFrame] = []
         self._new_since_update = 0
         self._in_flight: dict[int, object] = {}
@@ -228,7 +244,18 @@ class Trainer:
         update_calibration(post, self._pending_cal)       # residuals of the pre-update model
         self._pending_cal = []
         new, self._new_frames = self._new_frames, []
-        if post.kind == "lastlayer":
+        self._labels_since_refine += len(new)
+        if post.kind == "lastlayer" and self._refines() and (
+                self._redesign or self._labels_since_refine >= self.cfg.backbone_every):
+            frames = self.store.labelled_frames()
+            ft = post.refine_backbone(frames, self.cfg.backbone_steps, lr=self.cfg.backbone_lr,
+                                      anchor=self._anchor)
+            self._blocks = post.design(frames)       # the features changed: every label again
+            stats = {**post.condition(self._blocks, self._start_mean, self._start_cov), **ft}
+            post.base_posterior = (self._start_mean, self._start_cov)
+            self._labels_since_refine = 0
+            self._redesign = False
+        elif post.kind == "lastlayer":
             self._blocks = post.add_blocks(self._blocks, post.design(new))
             stats = post.condition(self._blocks, self._start_mean, self._start_cov)
         else:
@@ -251,6 +278,9 @@ class Trainer:
                     seconds=time.time() - t0, gradient_steps=stats.get("gradient_steps", 0),
                     calibration=post.calibration.to_dict(), **hold)
         return True
+
+    def _refines(self) -> bool:
+        return self.cfg.backbone_steps > 0 and self.posterior.kind == "lastlayer"
 
     def holdout_errors(self) -> dict:
         if not self._holdout:
