@@ -52,6 +52,7 @@ trainer's gradient steps per reference call (its publish events).
     RAREFLY_BENCH_DIR=/tmp/rarefly_bench_onthefly_long \
         python benchmarks/bench_onthefly.py --steps 3000 --budget 60
     python benchmarks/bench_onthefly.py ... --analyse-only   # re-analyse existing run folders
+    python benchmarks/bench_onthefly.py --backbone-steps 150 --only a_paper b_periodic c_metad2d
 
 Output: tables on stdout (committed as bench_onthefly.out: both commands above); run folders
 under /tmp/rarefly_bench_onthefly/ (report.md of each run there). A run that fails (e.g. a
@@ -227,6 +228,8 @@ level = {level!r}
 audit_fraction = {audit!r}
 mode = "async"
 update_every = 1
+backbone_steps = {args.backbone_steps}
+backbone_every = {args.backbone_every}
 align_energies = false
 holdout_file = "{TS}"
 
@@ -378,6 +381,11 @@ def main() -> int:
                     help="random audit share of unflagged steps in a and c")
     ap.add_argument("--offline-audit", type=int, default=60)
     ap.add_argument("--wall-minutes", type=float, default=10.0)
+    ap.add_argument("--backbone-steps", type=int, default=0,
+                    help="trainer refinement of all MACE weights ([learning] backbone_steps; "
+                         "0: readout-only learning)")
+    ap.add_argument("--backbone-every", type=int, default=10,
+                    help="labels between refinements ([learning] backbone_every)")
     ap.add_argument("--only", nargs="*", choices=SCHEMES)
     ap.add_argument("--analyse-only", action="store_true",
                     help="only analyse the run folders already under the work folder")
@@ -395,6 +403,10 @@ def main() -> int:
           f"{args.temperature:g} K, dt {args.dt:g} fs, seed {args.seed}")
     print(f"budget per scheme: {args.steps} MD steps, {args.budget} reference calls "
           f"(whichever ends first), wall limit {args.wall_minutes:g} min")
+    print("learning: " + (f"readout posterior conditioned on each label, and every "
+                          f"{args.backbone_every} labels {args.backbone_steps} Adam steps on all "
+                          "MACE weights ([learning] backbone_steps)" if args.backbone_steps else
+                          "readout posterior conditioned on each label (closed form)"))
     print(f"epsilon = {args.epsilon_kcal:g} kcal/mol = {eps * 1000:.1f} meV; starting model's "
           f"confidence: basin frames median {np.median(s['conf_basin']):.3f} "
           f"({np.mean(s['conf_basin'] < LEVEL):.0%} below {LEVEL}), TS frames median "
@@ -530,8 +542,10 @@ def main() -> int:
                   f"{o['cov_all']:.2f}")
         print(f"TARGET 2 {name}: audit coverage >= {LEVEL}: {verdict} ({detail})")
         print(f"TARGET 3 {name}: <= {PAPER_STEPS // 10} gradient steps per call at coverage "
-              f">= {LEVEL}: {gv} ({g:.0f} gradient steps per call: the lastlayer posterior is "
-              f"conditioned in closed form, {r['update_s']:.2f} s per update)")
+              f">= {LEVEL}: {gv} ({g:.1f} gradient steps per call: "
+              + ("backbone refinements, the readout posterior in closed form"
+                 if g else "the lastlayer posterior is conditioned in closed form")
+              + f", {r['update_s']:.2f} s per update on average)")
     (WORK / "results.json").write_text(json.dumps(results, indent=1, default=float))
     return 0
 
