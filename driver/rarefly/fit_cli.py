@@ -15,12 +15,16 @@ examples:
   # the embedded small model, last-layer posterior, 0.5 kcal/mol threshold
   rarefly fit --foundation small --data driver/rarefly/data/foundation_train.xyz \\
       --calibration-data driver/rarefly/data/foundation_valid.xyz -o model.rfly
+  # fine-tune all weights first (300 Adam steps), then the last-layer posterior on top
+  rarefly fit --foundation small --data my_frames.xyz --finetune-steps 300 -o model.rfly
   # all-weights posterior by cyclical SGHMC (8 samples), MACE-MP-0 small (needs the internet once)
   rarefly fit --foundation mace-mp-0:small --data dft.extxyz --kind sghmc -o model.rfly
 """
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
+    from rarefly.driver_cli import whole_number
+
     p.epilog = EPILOG
     p.add_argument("--foundation", default="small",
                    help="MACE checkpoint: a .model file, `small` (embedded) or a name such as "
@@ -38,6 +42,12 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--energy-key", help="info key of the reference energy")
     p.add_argument("--forces-key", help="array key of the reference forces")
     p.add_argument("--max-frames", type=int, help="use only the first N frames")
+    p.add_argument("--finetune-steps", type=whole_number(0, "a number of steps (0 or more)"),
+                   default=0, metavar="N",
+                   help="lastlayer: fine-tune all MACE weights on --data for N Adam steps "
+                        "(anchored to the foundation weights) before the readout posterior is "
+                        "fitted on the fine-tuned features (default 0: the foundation's features)")
+    p.add_argument("--finetune-lr", type=float, default=1e-3, help="Adam learning rate of --finetune-steps")
     p.add_argument("--samples", type=int, default=8, help="sghmc: posterior samples (chains)")
     p.add_argument("--cycle-steps", type=int, default=200, help="sghmc: gradient steps per cycle")
     p.add_argument("--align-energies", action="store_true",
@@ -74,7 +84,8 @@ def run(args) -> int:
               f"epsilon {eps * 1000:.2f} meV" + ("" if cal else "; the last fifth is held out "
                                                  "for calibration (give --calibration-data to use all)"))
         post = build_posterior(args.foundation, args.kind, frames, cal, settings, dtype=args.dtype,
-                               progress=True, align_energies=args.align_energies, **opts)
+                               progress=True, align_energies=args.align_energies,
+                               finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr, **opts)
     except (DataError, FoundationError, ValueError) as exc:
         print(f"rarefly fit: {exc}", file=sys.stderr)
         return 2

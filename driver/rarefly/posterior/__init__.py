@@ -70,8 +70,14 @@ def load_posterior(path, device: str = "cpu", epsilon: float | None = None,
 
 def build_posterior(foundation: str, kind: str, frames, calibration_frames=None,
                     settings: PosteriorSettings | None = None, dtype: str = "float64",
-                    progress: bool = False, align_energies: bool = False, **kind_options) -> Posterior:
+                    progress: bool = False, align_energies: bool = False, finetune_steps: int = 0,
+                    finetune_lr: float = 1e-3, **kind_options) -> Posterior:
     """Create, fit and calibrate a posterior: what ``rarefly fit`` does.
+
+    finetune_steps (lastlayer): fit the readout posterior, fine-tune *all* MACE weights on
+    ``frames`` for this many Adam steps (anchored to the foundation weights, see
+    :meth:`LastLayerPosterior.refine_backbone`), then fit the readout posterior again on the
+    fine-tuned features: a fine-tuned model with a last-layer posterior.
 
     calibration_frames: held-out frames whose residuals set the Student-t calibration; when
     None, the last fifth of ``frames`` is held out for it (and not fitted). An uncalibrated
@@ -80,6 +86,9 @@ def build_posterior(foundation: str, kind: str, frames, calibration_frames=None,
     """
     from rarefly.posterior.base import update_calibration
 
+    if finetune_steps and kind != "lastlayer":
+        raise ValueError("fine-tuning before the fit is for lastlayer posteriors; sghmc "
+                         "samples all weights itself")
     frames = list(frames)
     if calibration_frames is None and len(frames) >= 5:
         k = max(1, len(frames) // 5)
@@ -88,6 +97,10 @@ def build_posterior(foundation: str, kind: str, frames, calibration_frames=None,
     if align_energies:
         post.fit_energy_offset(frames)
     stats = post.fit(frames, progress=progress)
+    if finetune_steps:
+        ft = post.refine_backbone(frames, finetune_steps, lr=finetune_lr, progress=progress)
+        stats = {**post.fit(frames, progress=progress), "finetune_steps": finetune_steps,
+                 "finetune_loss_per_frame": ft["backbone_loss_per_frame"]}
     if calibration_frames:
         update_calibration(post, list(calibration_frames))
     post.model_version = 1
