@@ -386,6 +386,9 @@ def main() -> int:
                          "0: readout-only learning)")
     ap.add_argument("--backbone-every", type=int, default=10,
                     help="labels between refinements ([learning] backbone_every)")
+    ap.add_argument("--model", type=Path, default=None,
+                    help=f"starting model file (default {MODEL.relative_to(REPO)}, built when "
+                         "missing; check_ala2_start_model.py writes a fine-tuned thermal one)")
     ap.add_argument("--only", nargs="*", choices=SCHEMES)
     ap.add_argument("--analyse-only", action="store_true",
                     help="only analyse the run folders already under the work folder")
@@ -393,12 +396,21 @@ def main() -> int:
 
     t_all = time.perf_counter()
     WORK.mkdir(parents=True, exist_ok=True)
-    ensure_model()
+    global MODEL
+    if args.model is not None:
+        if not args.model.exists():
+            ap.error(f"--model {args.model} does not exist (check_ala2_start_model.py writes "
+                     "benchmarks/data/ala2_c7eq_thermal_ft.rfly)")
+        MODEL = args.model.resolve()
+    else:
+        ensure_model()
     if not TS.exists():
         make_ts_frames()
     eps = args.epsilon_kcal * KCAL
     s = start_model_numbers(eps)
-    print(f"model: {MODEL.name} (lastlayer on `small`, C7eq basin frames only); reference "
+    what = ("lastlayer on `small`, C7eq basin frames only" if args.model is None else
+            "given with --model")
+    print(f"model: {MODEL.name} ({what}); reference "
           "GFN2-xTB (tblite); i-PI NVT (SVR) at "
           f"{args.temperature:g} K, dt {args.dt:g} fs, seed {args.seed}")
     print(f"budget per scheme: {args.steps} MD steps, {args.budget} reference calls "

@@ -188,6 +188,12 @@ def bias_inputs(s0: float, ds: float, temperature: float, a: argparse.Namespace
             "metad_2d_w": metad2w}
 
 
+def model_id() -> str:
+    import hashlib
+
+    return f"{MODEL} sha256 {hashlib.sha256(MODEL.read_bytes()).hexdigest()[:12]}"
+
+
 def run_one(name: str, bias: str, steps: int, temperature: float, dt: float,
             seed: int = 2024) -> dict:
     from rarefly.cv import render_plumed_input
@@ -197,13 +203,15 @@ def run_one(name: str, bias: str, steps: int, temperature: float, dt: float,
         xml = XML.format(steps=steps, seed=seed, name=f"rfbench_{name}",
                          temperature=temperature, dt=dt)
         if ((d / "input.xml").read_text() == xml
-                and (d / "plumed.dat").read_text() == render_plumed_input(HEAD + bias)):
+                and (d / "plumed.dat").read_text() == render_plumed_input(HEAD + bias)
+                and (d / "model").exists() and (d / "model").read_text() == model_id()):
             print(f"    (reusing the finished run in {d})")
             return analyse(d, float((d / "wall_s").read_text()))
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir(parents=True)
     shutil.copy(DATA / "ala2_c7eq_min.xyz", d / "init.xyz")
     (d / "plumed.dat").write_text(render_plumed_input(HEAD + bias))
+    (d / "model").write_text(model_id())
     sock = f"rfbench_{name}"
     (d / "input.xml").write_text(XML.format(steps=steps, seed=seed, name=sock,
                                             temperature=temperature, dt=dt))
@@ -353,19 +361,29 @@ def main() -> int:
     ap.add_argument("--extra-unbiased", type=int, default=0,
                     help="steps of a second, independent unbiased run (another seed) for a "
                     "tighter bound on the unbiased rate")
+    ap.add_argument("--model", type=Path, default=None,
+                    help="model file to run on (default: benchmarks/data/ala2_c7eq.rfly, built "
+                         "when missing; check_ala2_start_model.py writes a fine-tuned one, "
+                         "ala2_c7eq_thermal_ft.rfly)")
     ap.add_argument("--reuse", action="store_true", help="analyse finished runs in the run "
                     "folder that have exactly the same i-PI and PLUMED inputs instead of "
                     "re-running them")
     args = ap.parse_args()
-    global REUSE
+    global REUSE, MODEL
     REUSE = args.reuse
 
     t0 = time.perf_counter()
-    if not MODEL.exists():
-        build_model()
+    if args.model is not None:
+        if not args.model.exists():
+            ap.error(f"--model {args.model} does not exist")
+        MODEL = args.model.resolve()
+        print(f"model: {MODEL.name} (given with --model), {model_id()}")
+    else:
+        if not MODEL.exists():
+            build_model()
+        print(f"model: {MODEL.name} (lastlayer on `small`, fitted on {FRAMES.name}); "
+              f"data+model {time.perf_counter() - t0:.0f} s (0 if cached)")
     kt = 8.617333e-5 * args.temperature
-    print(f"model: {MODEL.name} (lastlayer on `small`, fitted on {FRAMES.name}); "
-          f"data+model {time.perf_counter() - t0:.0f} s (0 if cached)")
     print(f"MD: i-PI NVT, Langevin tau 50 fs, {args.temperature:.0f} K (kT {kt:.5f} eV), "
           f"dt {args.dt} fs, {args.steps} steps per run, seed 2024, every run starts from the "
           "xTB-minimised C7eq structure")

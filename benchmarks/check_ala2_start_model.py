@@ -7,6 +7,10 @@ thermalised frames: a 4,000-step GFN2-xTB Langevin run at 300 K from the same mi
 500 steps of equilibration dropped, every 20th frame kept (175 frames; the first 140 fitted,
 the last 35 held out as "basin-test").
 
+A third model: the thermal frames again, with all MACE weights fine-tuned first
+(``rarefly fit --finetune-steps``), written to benchmarks/data/ala2_c7eq_thermal_ft.rfly for
+``bench_onthefly.py --model``.
+
 Test sets: basin-test (above) and the 15 transition-region frames of bench_onthefly.py
 (benchmarks/data/ala2_ts_xtb.xyz, phi held at -30..30 deg). Printed per model and set: the mean
 energy error, its spread about the mean, the force RMSE, mean sigma_E and the share of frames
@@ -29,6 +33,8 @@ import numpy as np  # noqa: E402
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data"
 WORK = Path(os.environ.get("RAREFLY_BENCH_DIR", "/tmp/rarefly_check_ala2"))
+TUNED_MODEL = DATA / "ala2_c7eq_thermal_ft.rfly"     # git-ignored, rebuilt by this script
+FINETUNE_STEPS = 300
 
 
 def thermal_frames(path: Path, steps: int = 4000, skip: int = 500, stride: int = 20) -> None:
@@ -90,8 +96,13 @@ def main() -> int:
     train, test = thermal[:140], thermal[140:]
     sets = {"basin-test": test, "TS": labelled(DATA / "ala2_ts_xtb.xyz")}
     old_frames = len(ase.io.read(DATA / "ala2_c7eq_xtb.xyz", ":"))
+    tuned = build_posterior("small", "lastlayer", train, finetune_steps=FINETUNE_STEPS)
+    tuned.save(TUNED_MODEL)
     models = {f"cold ({old_frames} frames)": load_posterior(old_model),
-              f"thermal ({len(train)} frames)": build_posterior("small", "lastlayer", train)}
+              f"thermal ({len(train)} frames)": build_posterior("small", "lastlayer", train),
+              f"thermal + fine-tune": tuned}
+    print(f"fine-tune: {FINETUNE_STEPS} Adam steps on all weights (rarefly fit --finetune-steps); "
+          f"model written to {TUNED_MODEL.relative_to(HERE.parent)} (bench_onthefly.py --model)")
     print(f"{'model':22s} {'set':10s} {'E err mean':>10s} {'E spread':>9s} {'F rmse':>7s} "
           f"{'sigma_E':>8s} {'|err|<2sig':>10s}")
     for name, post in models.items():
