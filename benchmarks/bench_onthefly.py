@@ -84,7 +84,7 @@ REPO = HERE.parent
 DATA = HERE / "data"
 START = DATA / "ala2_c7eq_min.xyz"
 BASIN = DATA / "ala2_c7eq_xtb.xyz"
-MODEL = DATA / "ala2_c7eq.rfly"
+MODEL = DEFAULT_MODEL = DATA / "ala2_c7eq.rfly"
 TS = DATA / "ala2_ts_xtb.xyz"
 WORK = Path(os.environ.get("RAREFLY_BENCH_DIR", "/tmp/rarefly_bench_onthefly"))
 BIN = Path(sys.executable).parent
@@ -174,6 +174,8 @@ def start_model_numbers(epsilon: float) -> dict:
     post.settings.epsilon = epsilon
     f_ts, conf_ts = errors(post, ts)
     n_fit = int(post.provenance.get("n_frames", len(basin)))
+    if MODEL != DEFAULT_MODEL:   # fitted on other frames (--model): all of BASIN is held out
+        n_fit = 0
     f_basin_held, _ = errors(post, basin[n_fit:]) if n_fit < len(basin) else (float("nan"), None)
     _, conf_basin = errors(post, basin)
     floor = load_posterior(MODEL)
@@ -370,6 +372,7 @@ def analyse(name: str, wall: float | None, target: float, epsilon: float, n_audi
 # ------------------------------------------------------------------ main
 
 def main() -> int:
+    global MODEL
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--budget", type=int, default=30)
@@ -396,7 +399,6 @@ def main() -> int:
 
     t_all = time.perf_counter()
     WORK.mkdir(parents=True, exist_ok=True)
-    global MODEL
     if args.model is not None:
         if not args.model.exists():
             ap.error(f"--model {args.model} does not exist (check_ala2_start_model.py writes "
