@@ -171,9 +171,10 @@ def test_guarantee_mode_integrates_reference_forces_on_flagged_steps(tmp_path, m
         atoms.calc = TBLite(method="GFN2-xTB", verbosity=0)
         diffs.append((flagged, abs(potential - (atoms.get_potential_energy() + offset))))
     # flagged steps: the reference energy (+ offset) to SCF precision; the others: the
-    # model's, which is not GFN2-xTB's to that precision
+    # model's, which is not GFN2-xTB's to that precision (its errors are ~30 meV, so a bound
+    # of 1 meV was met by chance once in a CI run; 10 micro-eV is still 10x the SCF's)
     assert all(d < 1e-6 for f, d in diffs if f), diffs
-    assert all(d > 1e-3 for f, d in diffs if not f), diffs
+    assert all(d > 1e-5 for f, d in diffs if not f), sorted(d for f, d in diffs if not f)[:3]
 
     # the trainer: every flagged step is a labelled row with the driver's reference energy,
     # and the trainer never computed any of them itself
