@@ -242,3 +242,25 @@ def test_lastlayer_design_jacobian_matches_autograd_jacobian():
     ref = full.sum(0)   # graphs are disjoint: each atom's column comes from its own graph
     assert float(J.abs().max()) > 1e-3
     torch.testing.assert_close(J, ref, atol=1e-10, rtol=1e-8)
+
+
+def test_backbone_refinement_replays_old_frames_in_every_batch(monkeypatch):
+    import rarefly.graph
+
+    post = LastLayerPosterior.from_foundation(Backbone(random_mace()), PosteriorSettings())
+    new, old = _frames(3), _frames(6)[3:]
+    seen = []
+    real = rarefly.graph.build_graph
+
+    def spy(structures, *a, **k):
+        seen.append([any(s is f.structure for f in old) for s in structures])
+        return real(structures, *a, **k)
+
+    monkeypatch.setattr(rarefly.graph, "build_graph", spy)
+    before = {k: v.clone() for k, v in post.backbone.model.state_dict().items()}
+    stats = post.refine_backbone(new, 5, batch_size=4, replay=old)
+    assert stats["gradient_steps"] == 5 and len(seen) == 5
+    assert all(flags.count(True) == 2 and flags.count(False) == 2 for flags in seen)
+    after = post.backbone.model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before if before[k].is_floating_point())
+    assert not any(p.requires_grad for p in post.backbone.model.parameters())

@@ -261,19 +261,23 @@ def test_guarantee_mode_driver_gets_what_is_left_of_the_reference_budget(tmp_pat
 def test_backbone_refinement_reaches_the_trainer_and_bad_values_are_refused(tmp_path, ethanol_xyz):
     from rarefly.run import OnTheFlyRun
 
-    cfg = load_config(write(tmp_path, """
+    cfg = load_config(write(tmp_path, f"""
         [learning]
         backbone_steps = 150
         backbone_every = 5
+        backbone_replay = "{ethanol_xyz}"
     """, structure=ethanol_xyz), check_code=False)
     run = OnTheFlyRun(cfg)
     run.holdout = None                          # set when the run starts
     cmd = run.trainer_command()
     assert cmd[cmd.index("--backbone-steps") + 1] == "150"
     assert cmd[cmd.index("--backbone-every") + 1] == "5"
+    assert cmd[cmd.index("--backbone-replay") + 1] == str(ethanol_xyz)
     cfg.learning.backbone_steps = 0
     assert "--backbone-steps" not in run.trainer_command()
     fails(write(tmp_path, "[learning]\nbackbone_steps = -1\n", structure=ethanol_xyz),
           "[learning] backbone_steps", "zero or more", check_code=False)
     fails(write(tmp_path, "[learning]\nbackbone_every = 0\n", structure=ethanol_xyz),
           "[learning] backbone_every", "positive", check_code=False)
+    fails(write(tmp_path, "[learning]\nbackbone_replay = \"nowhere.xyz\"\n", structure=ethanol_xyz),
+          "[learning] backbone_replay", check_code=False)

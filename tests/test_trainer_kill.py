@@ -250,9 +250,10 @@ def test_restart_relearns_exactly_the_labels_the_model_file_lacks(tmp_path, mode
 
 
 def test_backbone_refinement_learns_all_weights_and_restarts_from_the_first_prior(tmp_path, model_file):
-    """With --backbone-steps the trainer refines every MACE weight, conditions the readout
-    posterior again on every label from the prior it started with, stores that prior in the
-    model file, and a restarted trainer takes it from there (real xTB labels, real MACE)."""
+    """With --backbone-steps the trainer refines every MACE weight (old fit frames replayed),
+    conditions the readout posterior again on every label from the prior it started with,
+    stores that prior in the model file, and a restarted trainer takes it from there (real xTB
+    labels, real MACE)."""
     import numpy as np
     import torch
 
@@ -275,11 +276,18 @@ def test_backbone_refinement_learns_all_weights_and_restarts_from_the_first_prio
         st.add_label(rid, *labels[k], ref.describe())
     del st
 
+    from ase.io import read, write
+
+    from rarefly.foundation import DATA_DIR
+
+    replay = tmp_path / "replay.xyz"   # frames of the kind the model was fitted on
+    write(replay, read(DATA_DIR / "foundation_train.xyz", index=":4"))
+
     def config():
         return TrainerConfig(model=str(model), database=str(tmp_path / "frames.db"),
                              endpoint=f"ipc://{tmp_path}/learn", reference=ref,
                              executor=ExecutorSpec("threads"), align_energies=False,
-                             backbone_steps=40, backbone_every=2)
+                             backbone_steps=40, backbone_every=2, backbone_replay=str(replay))
 
     def force_rmse(post):
         preds = post.predict(frames[:3])

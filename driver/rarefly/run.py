@@ -443,6 +443,8 @@ class OnTheFlyRun:
         if cfg.learning.backbone_steps:
             cmd += ["--backbone-steps", str(cfg.learning.backbone_steps),
                     "--backbone-every", str(cfg.learning.backbone_every)]
+            if cfg.learning.backbone_replay is not None:
+                cmd += ["--backbone-replay", str(cfg.learning.backbone_replay)]
         for k, v in cfg.reference.options.items():
             cmd += ["--reference-option", f"{k}={v}"]
         for k, v in cfg.labelling.options.items():

@@ -130,6 +130,9 @@ class LearningConfig:
     learning, exact and fast; 100-300 let the model learn what its readout cannot)."""
     backbone_every: int = 10
     """Labels between backbone refinements (default 10)."""
+    backbone_replay: Path | None = None
+    """extxyz or ASE db of the frames the starting model was fitted on: half of every
+    refinement batch, so that new labels do not undo the old fit (default: none)."""
     align_energies: bool = True
     """Align the reference's energy zero to the model's at the first label (default true)."""
     holdout_file: Path | None = None
@@ -412,6 +415,7 @@ _CONVERT = {
     ("learning", "update_every"): _positive(lambda v, w, b: _int(v, w)),
     ("learning", "backbone_steps"): _positive(lambda v, w, b: _int(v, w), strict=False),
     ("learning", "backbone_every"): _positive(lambda v, w, b: _int(v, w)),
+    ("learning", "backbone_replay"): _path,
     ("learning", "holdout_file"): _path,
     ("learning", "holdout_frames"): _positive(lambda v, w, b: _int(v, w), strict=False),
     ("reference", "options"): _table_of((str, int, float),
@@ -477,6 +481,8 @@ def validate(cfg: RunConfig, *, check_code: bool = True) -> None:
         _exists(cfg.bias.plumed_file, "[bias] plumed_file")
     if cfg.learning.holdout_file is not None:
         _exists(cfg.learning.holdout_file, "[learning] holdout_file")
+    if cfg.learning.backbone_replay is not None:
+        _exists(cfg.learning.backbone_replay, "[learning] backbone_replay")
     if cfg.learning.mode == "guarantee" and cfg.reference.options:
         raise ConfigError("[learning] mode = \"guarantee\" labels in the driver, which takes no "
                           "[reference] options; remove them or use mode = \"async\"")

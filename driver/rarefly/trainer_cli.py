@@ -44,6 +44,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                         "(default 0: readout-only learning; 100-300 measured useful)")
     p.add_argument("--backbone-every", type=whole_number(1, "a positive number of labels"), default=10, metavar="K",
                    help="labels between backbone refinements (default 10)")
+    p.add_argument("--backbone-replay", metavar="FILE",
+                   help="frames the starting model was fitted on (extxyz or ASE db): half of every "
+                        "refinement batch, so that new labels do not undo the old fit")
     p.add_argument("--backbone-lr", type=float, default=1e-3, help="Adam learning rate of the refinement")
     p.add_argument("--holdout", help="extxyz of held-out reference frames: errors logged per version")
     p.add_argument("--max-seconds", type=float, help="stop after this wall time")
@@ -82,7 +85,7 @@ def run(args) -> int:
                             update_every=args.update_every, max_labels=args.max_labels,
                             align_energies=not args.no_align, holdout=args.holdout,
                             backbone_steps=args.backbone_steps, backbone_every=args.backbone_every,
-                            backbone_lr=args.backbone_lr)
+                            backbone_lr=args.backbone_lr, backbone_replay=args.backbone_replay)
         trainer = Trainer(cfg)
     except (ReferenceError, LabellingError, ValueError, FileNotFoundError) as exc:
         print(f"rarefly trainer: {exc}", file=sys.stderr)

@@ -212,12 +212,14 @@ class LastLayerPosterior(Posterior):
 
     def refine_backbone(self, frames: Sequence[LabelledFrame], steps: int, lr: float = 1e-3,
                         batch_size: int = 4, anchor: dict | None = None, seed: int = 0,
-                        progress: bool = False) -> dict:
+                        progress: bool = False, replay: Sequence[LabelledFrame] = ()) -> dict:
         """Adam steps on *all* MACE weights (the readout's energy given by the posterior mean)
         against the energies and forces of ``frames``, weighted by the fit's noise levels, with
         a Gaussian anchor of width ``settings.prior_sigma`` around ``anchor`` (name -> tensor;
-        default: the weights before this call). The readout features change, so the caller
-        conditions the posterior again on the design of every frame (see the trainer).
+        default: the weights before this call). ``replay``: frames the model already knows
+        (its fit data), half of every mini-batch, so that the new frames do not undo the old
+        fit. The readout features change, so the caller conditions the posterior again on the
+        design of every frame (see the trainer).
 
         Why: a readout-only posterior cannot absorb what a foundation model gets wrong in a new
         region; conditioning it on such frames trades accuracy elsewhere for them
@@ -238,15 +240,21 @@ class LastLayerPosterior(Posterior):
         rng = np.random.default_rng(seed + self.model_version)
         mean = self.mean.detach()
         dt, dev = self.dtype, self.device
-        N = len(frames)
-        B = min(batch_size, N)
-        ref_e_all = [self.offset_energy(f.structure.numbers, f.energy) for f in frames]
-        prior_w = 1.0 / (2 * self.settings.prior_sigma ** 2 * N)
+        replay = list(replay)
+        pool = list(frames) + replay
+        N, R = len(frames), len(replay)
+        B_new = min(batch_size if not R else max(1, batch_size - batch_size // 2), N)
+        B_old = min(batch_size - B_new, R) if R else 0
+        B = B_new + B_old
+        ref_e_all = [self.offset_energy(f.structure.numbers, f.energy) for f in pool]
+        prior_w = 1.0 / (2 * self.settings.prior_sigma ** 2 * len(pool))
         loss_val = float("nan")
         try:
             for _step in tqdm(range(steps), desc="backbone", unit="step", disable=not progress):
-                idx = rng.choice(N, size=B, replace=False)
-                sub = [frames[i] for i in idx]
+                idx = rng.choice(N, size=B_new, replace=False)
+                if B_old:
+                    idx = np.concatenate([idx, N + rng.choice(R, size=B_old, replace=False)])
+                sub = [pool[i] for i in idx]
                 data = build_graph([f.structure for f in sub], self.r_max, self.atomic_numbers, dt, dev)
                 pos = data["positions"].detach().clone().requires_grad_(True)
                 out = self.backbone(data, pos, None)

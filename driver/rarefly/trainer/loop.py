@@ -56,6 +56,8 @@ class TrainerConfig:
     backbone_steps: int = 0
     backbone_every: int = 10
     backbone_lr: float = 1e-3
+    #: frames the starting model was fitted on (extxyz or ASE db), replayed in the refinement
+    backbone_replay: str | None = None
     events: str | None = None                    # trainer.jsonl path (default: beside the db)
 
 
@@ -81,6 +83,7 @@ class Trainer:
             # before the first trainer label (kept in the model file once a refinement ran)
             self._anchor = {k: v.detach().clone()
                             for k, v in self.posterior.backbone.model.named_parameters()}
+            self._replay = self._read_holdout(cfg.backbone_replay)
             base = getattr(self.posterior, "base_posterior", None)
             if base is not None:
                 self._start_mean, self._start_cov = base
@@ -118,7 +121,7 @@ class Trainer:
         log.info("%s %s", kind, {k: v for k, v in data.items() if k not in ("event", "t")})
 
     @staticmethod
-    def _read_holdout(path):
+    def _read_holdout(path):   # also reads the replay frames
         if not path:
             return []
         from rarefly.data_io import read_frames
@@ -249,7 +252,7 @@ class Trainer:
                 self._redesign or self._labels_since_refine >= self.cfg.backbone_every):
             frames = self.store.labelled_frames()
             ft = post.refine_backbone(frames, self.cfg.backbone_steps, lr=self.cfg.backbone_lr,
-                                      anchor=self._anchor)
+                                      anchor=self._anchor, replay=self._replay)
             self._blocks = post.design(frames)       # the features changed: every label again
             stats = {**post.condition(self._blocks, self._start_mean, self._start_cov), **ft}
             post.base_posterior = (self._start_mean, self._start_cov)
