@@ -212,6 +212,7 @@ def write_config(name: str, args, epsilon: float, level: float, audit: float,
     d = WORK / name
     cfg = d.parent / f"{name}.toml"
     bias = f'[bias]\nplumed_file = "{plumed}"\n\n' if plumed else ""
+    replay = f'backbone_replay = "{args.backbone_replay.resolve()}"\n' if args.backbone_replay else ""
     cfg.write_text(f"""# written by benchmarks/bench_onthefly.py
 [system]
 structure = "{START}"
@@ -232,7 +233,7 @@ mode = "async"
 update_every = 1
 backbone_steps = {args.backbone_steps}
 backbone_every = {args.backbone_every}
-align_energies = false
+{replay}align_energies = false
 holdout_file = "{TS}"
 
 [reference]
@@ -389,6 +390,9 @@ def main() -> int:
                          "0: readout-only learning)")
     ap.add_argument("--backbone-every", type=int, default=10,
                     help="labels between refinements ([learning] backbone_every)")
+    ap.add_argument("--backbone-replay", type=Path, default=None,
+                    help="the start model's fit frames, replayed in every refinement "
+                         "([learning] backbone_replay)")
     ap.add_argument("--model", type=Path, default=None,
                     help=f"starting model file (default {MODEL.relative_to(REPO)}, built when "
                          "missing; check_ala2_start_model.py writes a fine-tuned thermal one)")
@@ -419,7 +423,9 @@ def main() -> int:
           f"(whichever ends first), wall limit {args.wall_minutes:g} min")
     print("learning: " + (f"readout posterior conditioned on each label, and every "
                           f"{args.backbone_every} labels {args.backbone_steps} Adam steps on all "
-                          "MACE weights ([learning] backbone_steps)" if args.backbone_steps else
+                          "MACE weights ([learning] backbone_steps)"
+                          + (f", replaying {args.backbone_replay.name}" if args.backbone_replay else "")
+                          if args.backbone_steps else
                           "readout posterior conditioned on each label (closed form)"))
     print(f"epsilon = {args.epsilon_kcal:g} kcal/mol = {eps * 1000:.1f} meV; starting model's "
           f"confidence: basin frames median {np.median(s['conf_basin']):.3f} "

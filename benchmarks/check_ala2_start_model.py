@@ -34,6 +34,7 @@ HERE = Path(__file__).resolve().parent
 DATA = HERE / "data"
 WORK = Path(os.environ.get("RAREFLY_BENCH_DIR", "/tmp/rarefly_check_ala2"))
 TUNED_MODEL = DATA / "ala2_c7eq_thermal_ft.rfly"     # git-ignored, rebuilt by this script
+THERMAL = DATA / "ala2_c7eq_thermal_xtb.xyz"         # committed; the first 140 are fitted
 FINETUNE_STEPS = 300
 
 
@@ -84,7 +85,7 @@ def main() -> int:
         import bench_rare_events
 
         bench_rare_events.build_model()
-    frames_path = WORK / "ala2_thermal_xtb.xyz"
+    frames_path = THERMAL
     if not frames_path.exists():
         thermal_frames(frames_path)
 
