@@ -320,3 +320,43 @@ def test_backbone_refinement_learns_all_weights_and_restarts_from_the_first_prio
     finally:
         tr.close()
     assert load_posterior(model).model_version == refined.model_version + 1
+
+
+def test_restart_between_refinements_does_not_count_labels_twice(tmp_path, model_file):
+    """Versions published before the first refinement already hold the first prior, so a
+    trainer restarted then conditions that prior, not the published posterior, on every label."""
+    import torch
+
+    from rarefly.posterior import load_posterior
+    from rarefly.trainer.labelling import ExecutorSpec
+    from rarefly.trainer.loop import Trainer, TrainerConfig
+    from rarefly.trainer.reference import ReferenceSpec, label
+    from rarefly.trainer.store import FrameStore
+
+    model = tmp_path / "model.rfly"
+    model.write_bytes(Path(model_file).read_bytes())
+    start = load_posterior(model)
+    st = FrameStore(tmp_path / "frames.db")
+    ref = ReferenceSpec("xtb")
+    s = _frames(1)[0]
+    st.add_label(st.add(s, frame_id="f0", origin="flagged"), *label(ref, s.numbers, s.positions),
+                 ref.describe())
+    del st
+    cfg = TrainerConfig(model=str(model), database=str(tmp_path / "frames.db"),
+                        endpoint=f"ipc://{tmp_path}/learn", reference=ref,
+                        executor=ExecutorSpec("threads"), align_energies=False,
+                        backbone_steps=5, backbone_every=100)
+    tr = Trainer(cfg)
+    try:
+        assert tr.maybe_update()                   # readout-only: no refinement due yet
+    finally:
+        tr.close()
+    published = load_posterior(model)
+    assert not torch.equal(published.mean, start.mean)   # it learned the label
+    torch.testing.assert_close(published.base_posterior[0], start.mean)
+    tr = Trainer(cfg)
+    try:
+        torch.testing.assert_close(tr._start_mean, start.mean)
+        assert tr._redesign
+    finally:
+        tr.close()

@@ -255,7 +255,6 @@ class Trainer:
                                       anchor=self._anchor, replay=self._replay)
             self._blocks = post.design(frames)       # the features changed: every label again
             stats = {**post.condition(self._blocks, self._start_mean, self._start_cov), **ft}
-            post.base_posterior = (self._start_mean, self._start_cov)
             self._labels_since_refine = 0
             self._redesign = False
         elif post.kind == "lastlayer":
@@ -264,6 +263,11 @@ class Trainer:
         else:
             frames = self.store.labelled_frames()
             stats = post.sample(frames, newest=len(new), cycles=self.cfg.sghmc_cycles)
+        if self._refines():
+            # from the first version on, not only after a refinement: a trainer restarted
+            # between two refinements conditions the first prior on every label, never the
+            # published posterior (which holds some of them already) on all of them again
+            post.base_posterior = (self._start_mean, self._start_cov)
         post.model_version += 1
         post.provenance["trainer_labels"] = self.labels_done()
         # Rows are marked before the model is written (one transaction), and a restart
