@@ -490,8 +490,6 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="the molecule to simulate (default: the shipped ethanol.xyz)")
 
 
-
-
 def _positive_count(text: str) -> int:
     from rarefly.driver_cli import whole_number
 

@@ -20,6 +20,8 @@ example:
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
+    from rarefly.driver_cli import whole_number
+
     p.epilog = EPILOG
     p.add_argument("--model", required=True, help="model file: read at start, new versions written here")
     p.add_argument("--db", required=True, help="ASE database (SQLite) of frames and labels; resumed if it exists")
@@ -36,13 +38,13 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                         "address=10.0.0.5 for slurm, worker_init='module load xtb' for local")
     p.add_argument("--max-labels", type=int, help="budget of reference calls")
     p.add_argument("--update-every", type=int, default=1, help="labels per posterior update")
-    from rarefly.driver_cli import whole_number
-
-    p.add_argument("--backbone-steps", type=whole_number(0, "a number of steps (0 or more)"), default=0, metavar="N",
+    p.add_argument("--backbone-steps", type=whole_number(0, "a number of steps (0 or more)"),
+                   default=0, metavar="N",
                    help="lastlayer models: every --backbone-every labels, N Adam steps on all MACE "
                         "weights, then the readout posterior is conditioned on every label again "
                         "(default 0: readout-only learning; 100-300 measured useful)")
-    p.add_argument("--backbone-every", type=whole_number(1, "a positive number of labels"), default=10, metavar="K",
+    p.add_argument("--backbone-every", type=whole_number(1, "a positive number of labels"),
+                   default=10, metavar="K",
                    help="labels between backbone refinements (default 10)")
     p.add_argument("--backbone-replay", metavar="FILE",
                    help="frames the starting model was fitted on (extxyz or ASE db): half of every "

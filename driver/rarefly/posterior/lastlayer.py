@@ -321,5 +321,6 @@ class LastLayerPosterior(Posterior):
         obj = cls(backbone, settings, post["mean"], post["cov"], rank=int(post.get("rank", 0)),
                   fit_noise=post.get("fit_noise"), local_reference=post.get("local_reference", 0.0), **kw)
         if "base_mean" in post:
-            obj.base_posterior = (post["base_mean"].to(obj.dtype), post["base_cov"].to(obj.dtype))
+            obj.base_posterior = tuple(post[k].to(dtype=obj.dtype, device=obj.device)
+                                       for k in ("base_mean", "base_cov"))
         return obj

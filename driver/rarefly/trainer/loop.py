@@ -83,7 +83,7 @@ class Trainer:
             # before the first trainer label (kept in the model file once a refinement ran)
             self._anchor = {k: v.detach().clone()
                             for k, v in self.posterior.backbone.model.named_parameters()}
-            self._replay = self._read_holdout(cfg.backbone_replay)
+            self._replay = self._read_frames(cfg.backbone_replay)
             base = getattr(self.posterior, "base_posterior", None)
             if base is not None:
                 self._start_mean, self._start_cov = base
@@ -91,7 +91,7 @@ class Trainer:
         self._pending_cal: list[LabelledFrame] = []
         self._new_since_update = 0
         self._in_flight: dict[int, object] = {}
-        self._holdout = self._read_holdout(cfg.holdout)
+        self._holdout = self._read_frames(cfg.holdout)
         self.ctx = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.PULL)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -121,7 +121,7 @@ class Trainer:
         log.info("%s %s", kind, {k: v for k, v in data.items() if k not in ("event", "t")})
 
     @staticmethod
-    def _read_holdout(path):   # also reads the replay frames
+    def _read_frames(path):
         if not path:
             return []
         from rarefly.data_io import read_frames
@@ -248,8 +248,7 @@ class Trainer:
         self._pending_cal = []
         new, self._new_frames = self._new_frames, []
         self._labels_since_refine += len(new)
-        if post.kind == "lastlayer" and self._refines() and (
-                self._redesign or self._labels_since_refine >= self.cfg.backbone_every):
+        if self._refines() and (self._redesign or self._labels_since_refine >= self.cfg.backbone_every):
             frames = self.store.labelled_frames()
             ft = post.refine_backbone(frames, self.cfg.backbone_steps, lr=self.cfg.backbone_lr,
                                       anchor=self._anchor, replay=self._replay)
