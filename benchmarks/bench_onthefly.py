@@ -17,6 +17,11 @@ temperature, MD steps and reference budget ([budget] max_reference_calls):
               well-tempered METAD on (sigma_E, phi) (plumed_inputs/metad_2d.dat)
   c_metad     ours, pure uncertainty bias: well-tempered METAD on sigma_E only
               (plumed_inputs/metad.dat)
+  c_ts        c_metad2d aimed at the C7eq -> C7ax transition state: the same METAD, an upper
+              wall on sigma_E at a_paper's mean + 3 std (plumed_inputs/upper_wall.dat) and
+              a wall that keeps phi in [-150, 100] deg (up to 0.9 eV at 155 deg), so that
+              the walker leaves C7eq through phi = 0 rather than over phi = +-180 deg (the
+              C5 / beta side, which holds none of the held-out TS frames)
 The bias widths come from run a's sigma_E along its trajectory (as the inputs' "Scale" notes
 say), the height is kT.
 
@@ -95,7 +100,7 @@ LEVEL = 0.95
 PAPER_STEPS = 16000        # gradient steps per reference call in the seed paper
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1",
            PYTHONWARNINGS="ignore", PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-SCHEMES = ("a_paper", "b_periodic", "c_metad2d", "c_metad")
+SCHEMES = ("a_paper", "b_periodic", "c_metad2d", "c_metad", "c_ts")
 
 
 def wrap(deg):
@@ -196,15 +201,25 @@ psi: TORSION ATOMS=7,9,15,17
 """
 
 
-def plumed_bias(name: str, width: float, temperature: float) -> str:
+def plumed_bias(name: str, width: float, temperature: float, mean: float = 0.0) -> str:
     kt = 8.617333e-5 * temperature
-    if name == "c_metad2d":
+    if name in ("c_metad2d", "c_ts"):
         line = (f"metad: METAD ARG=sigma,phi SIGMA={width:.4g},0.35 HEIGHT={kt:.4g} PACE=10 "
                 f"BIASFACTOR=10 TEMP={temperature:g} FILE=HILLS")
     else:
         line = (f"metad: METAD ARG=sigma SIGMA={width:.4g} HEIGHT={kt:.4g} PACE=10 "
                 f"BIASFACTOR=10 TEMP={temperature:g} FILE=HILLS")
-    return HEAD + line + "\nPRINT ARG=sigma,phi,psi,metad.bias STRIDE=1 FILE=COLVAR\n"
+    printed = "sigma,phi,psi,metad.bias"
+    if name == "c_ts":
+        # sigma wall: 2 kT at one std beyond it. The phi window [-150, 100] deg is a wall on
+        # cos(phi - 155 deg), which is > cos(55 deg) only outside the window: walls on phi
+        # itself would act on the periodic difference (phi - AT), i.e. on the wrong side too.
+        kappa = 2 * kt / width ** 2
+        line += (f"\nswall: UPPER_WALLS ARG=sigma AT={mean + 3 * width:.4g} KAPPA={kappa:.4g} EXP=2"
+                 f"\nout: CUSTOM ARG=phi VAR=x FUNC=cos(x-{np.radians(155):.4f}) PERIODIC=NO"
+                 f"\nphiwall: UPPER_WALLS ARG=out AT={np.cos(np.radians(55)):.4f} KAPPA=5 EXP=2")
+        printed += ",swall.bias,phiwall.bias"
+    return HEAD + line + f"\nPRINT ARG={printed} STRIDE=1 FILE=COLVAR\n"
 
 
 def write_config(name: str, args, epsilon: float, level: float, audit: float,
@@ -233,7 +248,8 @@ mode = "async"
 update_every = 1
 backbone_steps = {args.backbone_steps}
 backbone_every = {args.backbone_every}
-{replay}align_energies = false
+{replay}min_step_gap = {args.min_step_gap}
+align_energies = false
 holdout_file = "{TS}"
 
 [reference]
@@ -393,6 +409,9 @@ def main() -> int:
     ap.add_argument("--backbone-replay", type=Path, default=None,
                     help="the start model's fit frames, replayed in every refinement "
                          "([learning] backbone_replay)")
+    ap.add_argument("--min-step-gap", type=int, default=0,
+                    help="trainer rate cap ([learning] min_step_gap): at most one flagged frame "
+                         "labelled per this many MD steps (0: none; b flags nothing)")
     ap.add_argument("--model", type=Path, default=None,
                     help=f"starting model file (default {MODEL.relative_to(REPO)}, built when "
                          "missing; check_ala2_start_model.py writes a fine-tuned thermal one)")
@@ -426,7 +445,9 @@ def main() -> int:
                           "MACE weights ([learning] backbone_steps)"
                           + (f", replaying {args.backbone_replay.name}" if args.backbone_replay else "")
                           if args.backbone_steps else
-                          "readout posterior conditioned on each label (closed form)"))
+                          "readout posterior conditioned on each label (closed form)")
+          + (f"; rate cap: at most one flagged frame labelled per {args.min_step_gap} MD steps "
+             "([learning] min_step_gap)" if args.min_step_gap else ""))
     print(f"epsilon = {args.epsilon_kcal:g} kcal/mol = {eps * 1000:.1f} meV; starting model's "
           f"confidence: basin frames median {np.median(s['conf_basin']):.3f} "
           f"({np.mean(s['conf_basin'] < LEVEL):.0%} below {LEVEL}), TS frames median "
@@ -459,9 +480,11 @@ def main() -> int:
                 sig = (float(ext[:, 0].mean()), float(ext[:, 0].std()))
             width = max(sig[1], 1e-3)
             plumed = WORK / f"{name}.plumed.dat"
-            plumed.write_text(plumed_bias(name, width, args.temperature))
+            text = plumed_bias(name, width, args.temperature, sig[0])
+            plumed.write_text(text)
+            bias_lines = "; ".join(text.splitlines()[len(HEAD.splitlines()):-1])
             print(f"--- {name}: sigma_E in a_paper mean {sig[0]:.4f} std {sig[1]:.4f} eV; "
-                  f"{plumed_bias(name, width, args.temperature).splitlines()[-2]}")
+                  f"{bias_lines}")
         if args.analyse_only:
             wall = None
         else:
@@ -518,7 +541,7 @@ def main() -> int:
     # ---------------------------------------------------------------- targets
     print()
     a = results.get("a_paper")
-    for name in ("c_metad2d", "c_metad"):
+    for name in ("c_metad2d", "c_metad", "c_ts"):
         c = results.get(name)
         if a is None or c is None:
             continue

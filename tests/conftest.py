@@ -82,3 +82,21 @@ def child_env():
     env["OMP_NUM_THREADS"] = "1"
     env["MKL_NUM_THREADS"] = "1"
     return env
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_socket_files():
+    """ipc endpoints and i-PI UNIX sockets of this session's tests live in /tmp under names
+    that carry the pytest process id; killed peers (on purpose, in the failure tests) leave
+    them behind, so they are removed at the end of the session."""
+    yield
+    import glob
+
+    pid = os.getpid()
+    for pattern in (f"/tmp/rarefly-cv-test-{pid}-*", f"/tmp/ipi_rarefly-cv*-{pid}",
+                    f"/tmp/rarefly-cv-test-{pid}"):
+        for path in glob.glob(pattern):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass

@@ -281,3 +281,25 @@ def test_backbone_refinement_reaches_the_trainer_and_bad_values_are_refused(tmp_
           "[learning] backbone_every", "positive", check_code=False)
     fails(write(tmp_path, "[learning]\nbackbone_replay = \"nowhere.xyz\"\n", structure=ethanol_xyz),
           "[learning] backbone_replay", check_code=False)
+
+
+def test_rate_cap_reaches_the_trainer_and_its_parser(tmp_path, ethanol_xyz):
+    from rarefly.run import OnTheFlyRun
+    from rarefly.trainer_cli import configure_parser
+
+    cfg = load_config(write(tmp_path, "[learning]\nmin_step_gap = 40\n", structure=ethanol_xyz),
+                      check_code=False)
+    run = OnTheFlyRun(cfg)
+    run.holdout = None
+    cmd = run.trainer_command()
+    assert cmd[cmd.index("--min-step-gap") + 1] == "40"
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    configure_parser(parser)
+    args = parser.parse_args(cmd[cmd.index("trainer") + 1:])
+    assert args.min_step_gap == 40
+    cfg.learning.min_step_gap = 0
+    assert "--min-step-gap" not in run.trainer_command()
+    fails(write(tmp_path, "[learning]\nmin_step_gap = -5\n", structure=ethanol_xyz),
+          "[learning] min_step_gap", "zero or more", check_code=False)

@@ -251,6 +251,68 @@ def test_rank_reads_ase_rows(tmp_path):
     assert [r.frame_id for r in rank(st.rows(state="queued"))] == ["f1", "f2", "f0"]
 
 
+def test_rate_cap_labels_one_flagged_frame_per_step_window_and_survives_a_restart(tmp_path):
+    """[learning] min_step_gap: at most one flagged frame per GAP MD steps of a walker (the
+    most uncertain one queued), audit frames always; a restarted trainer keeps the window."""
+    from types import SimpleNamespace
+
+    from rarefly.trainer.loop import Trainer
+    from rarefly.trainer.selection import Deduplicator, SelectionPolicy, last_steps
+    from rarefly.trainer.store import FrameStore
+
+    class Labeller:                               # records what would go to the reference
+        def __init__(self):
+            self.sent = []
+
+        def submit(self, s):
+            self.sent.append(s)
+            return None
+
+    def trainer_on(store, gap):
+        t = Trainer.__new__(Trainer)              # only what select_and_submit() uses
+        t.cfg = SimpleNamespace(max_labels=None,
+                                selection=SelectionPolicy(max_in_flight=100, min_step_gap=gap))
+        t.store, t.dedup, t.labeller, t._in_flight = store, Deduplicator(0.0), Labeller(), {}
+        t._last_step = last_steps(store.rows(state="labelled"))
+        t.labels_done = lambda: 0
+        return t
+
+    st = FrameStore(tmp_path / "frames.db")
+    # walker 0: steps 0..49 flagged, sigma growing with the step; one audit frame at step 3
+    for i in range(50):
+        st.add(_water((0.01 * i, 0, 0)), frame_id=f"w0-{i}", origin="flagged", step=i, walker=0,
+               sigma_E_raw=0.01 * (1 + i))
+    st.add(_water((0, 0.3, 0)), frame_id="audit", origin="audit", step=3, walker=0, sigma_E_raw=0.001)
+    # walker 1: two frames close together
+    for i in (5, 8):
+        st.add(_water((0, 0, 0.01 * i)), frame_id=f"w1-{i}", origin="flagged", step=i, walker=1,
+               sigma_E_raw=0.02)
+    t = trainer_on(st, gap=20)
+    t.select_and_submit()
+    chosen = {r.frame_id for r in st.rows(state="labelling")}
+    # the most uncertain frame of walker 0 (step 49) rules out everything before step 69;
+    # walker 1 has its own window; the audit frame is not capped
+    assert chosen == {"audit", "w0-49", "w1-5"} or chosen == {"audit", "w0-49", "w1-8"}
+    assert st.count(state="skipped") == 49 + 1
+    assert all("rate cap" in r.reason for r in st.rows(state="skipped"))
+    for r in list(st.rows(state="labelling")):
+        st.add_label(r.id, -1.0, np.zeros((3, 3)), "test")
+    # restart: the window of the labelled frames holds; step 69 is the first allowed again
+    for i in (60, 68, 69, 75):
+        st.add(_water((0.5 + 0.01 * i, 0, 0)), frame_id=f"late-{i}", origin="flagged", step=i,
+               walker=0, sigma_E_raw=0.01 * (100 - i))
+    t = trainer_on(st, gap=20)
+    t.select_and_submit()
+    assert {r.frame_id for r in st.rows(state="labelling")} == {"late-69"}
+    # without a cap every frame queued is sent (the default)
+    st2 = FrameStore(tmp_path / "nocap.db")
+    for i in range(5):
+        st2.add(_water((0.01 * i, 0, 0)), frame_id=f"n{i}", origin="flagged", step=i, walker=0)
+    t = trainer_on(st2, gap=0)
+    t.select_and_submit()
+    assert st2.count(state="labelling") == 5
+
+
 # ------------------------------------------------------------------ flag policy
 
 def _prediction(confidence=0.99, forces_sigma=(0.01, 0.02, 0.03)):

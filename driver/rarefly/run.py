@@ -445,6 +445,8 @@ class OnTheFlyRun:
                     "--backbone-every", str(cfg.learning.backbone_every)]
             if cfg.learning.backbone_replay is not None:
                 cmd += ["--backbone-replay", str(cfg.learning.backbone_replay)]
+        if cfg.learning.min_step_gap:
+            cmd += ["--min-step-gap", str(cfg.learning.min_step_gap)]
         for k, v in cfg.reference.options.items():
             cmd += ["--reference-option", f"{k}={v}"]
         for k, v in cfg.labelling.options.items():

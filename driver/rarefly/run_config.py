@@ -133,6 +133,9 @@ class LearningConfig:
     backbone_replay: Path | None = None
     """extxyz or ASE db of the frames the starting model was fitted on: half of every
     refinement batch, so that new labels do not undo the old fit (default: none)."""
+    min_step_gap: int = 0
+    """Rate cap: the trainer labels at most one flagged frame per this many MD steps of a
+    walker, the most uncertain one queued (default 0: no cap; audit frames are not capped)."""
     align_energies: bool = True
     """Align the reference's energy zero to the model's at the first label (default true)."""
     holdout_file: Path | None = None
@@ -416,6 +419,7 @@ _CONVERT = {
     ("learning", "backbone_steps"): _positive(lambda v, w, b: _int(v, w), strict=False),
     ("learning", "backbone_every"): _positive(lambda v, w, b: _int(v, w)),
     ("learning", "backbone_replay"): _path,
+    ("learning", "min_step_gap"): _positive(lambda v, w, b: _int(v, w), strict=False),
     ("learning", "holdout_file"): _path,
     ("learning", "holdout_frames"): _positive(lambda v, w, b: _int(v, w), strict=False),
     ("reference", "options"): _table_of((str, int, float),

@@ -50,6 +50,12 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="frames the starting model was fitted on (extxyz or ASE db): half of every "
                         "refinement batch, so that new labels do not undo the old fit")
     p.add_argument("--backbone-lr", type=float, default=1e-3, help="Adam learning rate of the refinement")
+    p.add_argument("--min-step-gap", type=whole_number(0, "a number of MD steps (0 or more)"),
+                   default=0, metavar="STEPS",
+                   help="rate cap: label at most one flagged frame per STEPS MD steps of a walker, "
+                        "the most uncertain one queued (default 0: no cap; audit frames are never "
+                        "capped). Spreads a reference budget over the run instead of spending it "
+                        "on the first flagged steps")
     p.add_argument("--holdout", help="extxyz of held-out reference frames: errors logged per version")
     p.add_argument("--max-seconds", type=float, help="stop after this wall time")
     p.add_argument("--no-align", action="store_true", help="do not align reference energies at the first label")
@@ -75,6 +81,7 @@ def run(args) -> int:
     from rarefly.trainer.labelling import ExecutorSpec, LabellingError
     from rarefly.trainer.loop import Trainer, TrainerConfig
     from rarefly.trainer.reference import ReferenceError, ReferenceSpec, check_reference
+    from rarefly.trainer.selection import SelectionPolicy
 
     logging.basicConfig(level=logging.WARNING, format="rarefly trainer: %(message)s", stream=sys.stderr)
     logging.getLogger("rarefly").setLevel(logging.INFO)
@@ -87,7 +94,8 @@ def run(args) -> int:
                             update_every=args.update_every, max_labels=args.max_labels,
                             align_energies=not args.no_align, holdout=args.holdout,
                             backbone_steps=args.backbone_steps, backbone_every=args.backbone_every,
-                            backbone_lr=args.backbone_lr, backbone_replay=args.backbone_replay)
+                            backbone_lr=args.backbone_lr, backbone_replay=args.backbone_replay,
+                            selection=SelectionPolicy(min_step_gap=args.min_step_gap))
         trainer = Trainer(cfg)
     except (ReferenceError, LabellingError, ValueError, FileNotFoundError) as exc:
         print(f"rarefly trainer: {exc}", file=sys.stderr)

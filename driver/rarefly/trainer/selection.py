@@ -19,6 +19,9 @@ class SelectionPolicy:
     dedup_tol: float = 0.02          # Angstrom, RMS of sorted pair distances
     max_in_flight: int = 2           # labelling tasks at a time
     max_per_update: int = 4          # labels per posterior update at most
+    #: rate cap in MD steps: a flagged frame less than this many steps after the last flagged
+    #: frame chosen from the same walker is skipped (0: no cap; audit frames are never capped)
+    min_step_gap: int = 0
 
 
 def fingerprint(s: Structure) -> tuple[bytes, np.ndarray]:
@@ -43,6 +46,19 @@ class Deduplicator:
     def add(self, s: Structure) -> None:
         comp, fp = fingerprint(s)
         self.seen.setdefault(comp, []).append(fp)
+
+
+def last_steps(rows) -> dict:
+    """Step of the latest flagged frame chosen per walker (rows being or already labelled):
+    where the rate cap of a restarted trainer picks up."""
+    last: dict = {}
+    for r in rows:
+        step = r.get("step")
+        if r.get("origin") == "audit" or step is None:
+            continue
+        w = r.get("walker") or 0
+        last[w] = max(int(step), last.get(w, int(step)))
+    return last
 
 
 def rank(rows) -> list:
