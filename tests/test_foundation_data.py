@@ -88,3 +88,34 @@ def test_force_and_energy_rmse_on_shipped_test_set(model):
     assert force_rmse < 0.3 * label_rms
     assert energy_rmse < ENERGY_RMSE_MAX_eV_ATOM, energy_rmse
     assert torch.isfinite(out["forces"]).all()
+
+
+def test_mace_import_keeps_safe_loading_on_and_quiet(tmp_path):
+    """rarefly imports e3nn before mace, so e3nn's constants load with safe loading (``slice``
+    allow-listed) rather than inside mace's switch-off; mace's switch-off does not outlive the
+    import, and a later torch.load of an arbitrary pickle is still refused."""
+    import subprocess
+    import sys
+
+    code = f"""
+import os, pickle, warnings
+warnings.simplefilter("always")
+with warnings.catch_warnings(record=True) as caught:
+    import rarefly
+    from rarefly._compat import import_mace
+    import_mace("mace.modules")
+import torch
+print("ENV", os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"))
+print("WARN", any("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD" in str(w.message) for w in caught))
+path = {str(tmp_path / "evil.pt")!r}
+with open(path, "wb") as f:
+    pickle.dump(print, f)
+try:
+    torch.load(path)
+    print("LOADED")
+except Exception:
+    print("REFUSED")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "ENV None" in out.stdout and "WARN False" in out.stdout and "REFUSED" in out.stdout, out.stdout

@@ -30,6 +30,10 @@ def import_mace(*modules: str) -> None:
 
     had = os.environ.get(_MACE_ENV)
     try:
+        # e3nn first: its constants then load with safe loading (``slice`` allow-listed above),
+        # not inside mace's switch-off (which also made torch print a warning)
+        fix_e3nn_safe_load()
+        importlib.import_module("e3nn.o3")
         importlib.import_module("mace")
         for name in modules:
             importlib.import_module(name)
