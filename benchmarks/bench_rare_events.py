@@ -335,7 +335,7 @@ def xtb_check(d: Path, per_region: int) -> dict[str, tuple[int, float, float]]:
 
 def unbiased_stats(steps: int, a: argparse.Namespace) -> dict:
     return run_one("unbiased", "PRINT ARG=sigma,phi,psi STRIDE=1 FILE=COLVAR\n", steps,
-                   a.temperature, a.dt)
+                   a.temperature, a.dt, seed=a.seed)
 
 
 def main() -> int:
@@ -356,6 +356,9 @@ def main() -> int:
                     help="hal: tau = TAU kT / ds (udd's peak force equals tau)")
     ap.add_argument("--wall", type=float, default=10.0,
                     help="upper wall on sigma_E at s0 + WALL ds in every biased run")
+    ap.add_argument("--seed", type=int, default=2024,
+                    help="i-PI seed of the unbiased and biased runs (default 2024; unbiased_b "
+                         "uses 4048)")
     ap.add_argument("--sigma-ref", help="S0,DS (eV): skip the unbiased run and use these "
                     "sigma_E statistics (pilot runs only)")
     ap.add_argument("--extra-unbiased", type=int, default=0,
@@ -385,7 +388,7 @@ def main() -> int:
               f"data+model {time.perf_counter() - t0:.0f} s (0 if cached)")
     kt = 8.617333e-5 * args.temperature
     print(f"MD: i-PI NVT, Langevin tau 50 fs, {args.temperature:.0f} K (kT {kt:.5f} eV), "
-          f"dt {args.dt} fs, {args.steps} steps per run, seed 2024, every run starts from the "
+          f"dt {args.dt} fs, {args.steps} steps per run, seed {args.seed}, every run starts from the "
           "xTB-minimised C7eq structure")
     print(f"bias rules: METAD HEIGHT {args.height:g} kT, PACE {args.pace}, BIASFACTOR "
           f"{args.biasfactor:g}; OPES BARRIER {args.opes_barrier:g} kT; hal tau "
@@ -407,7 +410,8 @@ def main() -> int:
         if args.only and name not in args.only:
             continue
         print(f"--- {name}:\n{bias.rstrip()}", flush=True)
-        results[name] = run_one(name, bias, args.steps, args.temperature, args.dt)
+        results[name] = run_one(name, bias, args.steps, args.temperature, args.dt,
+                                seed=args.seed)
         r = results[name]
         print(f"    {name}: {r['crossings']} crossings, first at step {r['first']}, T "
               f"{r['T']:.0f} +- {r['T_std']:.0f} K (max {r['T_max']:.0f}), largest bond "

@@ -116,6 +116,12 @@ try:
 except Exception:
     print("REFUSED")
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    import os
+
+    # a fresh process, as a user's: other tests import mace directly, which sets the switch-off
+    # in this process's environment
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "ENV None" in out.stdout and "WARN False" in out.stdout and "REFUSED" in out.stdout, out.stdout
