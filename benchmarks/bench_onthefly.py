@@ -249,7 +249,7 @@ update_every = 1
 backbone_steps = {args.backbone_steps}
 backbone_every = {args.backbone_every}
 {replay}min_step_gap = {args.min_step_gap}
-align_energies = false
+align_energies = {"true" if args.align else "false"}
 holdout_file = "{TS}"
 
 [reference]
@@ -409,6 +409,9 @@ def main() -> int:
     ap.add_argument("--backbone-replay", type=Path, default=None,
                     help="the start model's fit frames, replayed in every refinement "
                          "([learning] backbone_replay)")
+    ap.add_argument("--align", action="store_true",
+                    help="the paper's energy-offset alignment at the first label ([learning] "
+                         "align_energies; default off: model and reference are both xTB)")
     ap.add_argument("--min-step-gap", type=int, default=0,
                     help="trainer rate cap ([learning] min_step_gap): at most one flagged frame "
                          "labelled per this many MD steps (0: none; b flags nothing)")
@@ -447,7 +450,9 @@ def main() -> int:
                           if args.backbone_steps else
                           "readout posterior conditioned on each label (closed form)")
           + (f"; rate cap: at most one flagged frame labelled per {args.min_step_gap} MD steps "
-             "([learning] min_step_gap)" if args.min_step_gap else ""))
+             "([learning] min_step_gap)" if args.min_step_gap else "")
+          + ("; energies aligned at the first label ([learning] align_energies)"
+             if args.align else ""))
     print(f"epsilon = {args.epsilon_kcal:g} kcal/mol = {eps * 1000:.1f} meV; starting model's "
           f"confidence: basin frames median {np.median(s['conf_basin']):.3f} "
           f"({np.mean(s['conf_basin'] < LEVEL):.0%} below {LEVEL}), TS frames median "
