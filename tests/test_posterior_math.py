@@ -258,8 +258,11 @@ def test_backbone_refinement_replays_old_frames_in_every_batch(monkeypatch):
 
     monkeypatch.setattr(rarefly.graph, "build_graph", spy)
     before = {k: v.clone() for k, v in post.backbone.model.state_dict().items()}
-    stats = post.refine_backbone(new, 5, batch_size=4, replay=old)
+    calls = []
+    stats = post.refine_backbone(new, 5, batch_size=4, replay=old,
+                                 between_steps=lambda: calls.append(len(seen)))
     assert stats["gradient_steps"] == 5 and len(seen) == 5
+    assert calls == [1, 2, 3, 4, 5]               # once after every step
     assert all(flags.count(True) == 2 and flags.count(False) == 2 for flags in seen)
     after = post.backbone.model.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before if before[k].is_floating_point())

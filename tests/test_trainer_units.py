@@ -313,6 +313,45 @@ def test_rate_cap_labels_one_flagged_frame_per_step_window_and_survives_a_restar
     assert st2.count(state="labelling") == 5
 
 
+def test_trainer_keeps_reference_workers_busy_during_a_refinement(tmp_path):
+    """Between refinement steps the trainer stores arriving frames and hands free workers new
+    frames; a finished label waits (uncollected) for the refined model but frees its slot."""
+    import zmq
+    from concurrent.futures import Future
+    from types import SimpleNamespace
+
+    from rarefly.trainer.loop import Trainer
+    from rarefly.trainer.selection import Deduplicator, SelectionPolicy
+    from rarefly.trainer.store import FrameStore
+
+    endpoint = f"ipc://{tmp_path}/learn"
+    t = Trainer.__new__(Trainer)
+    t.cfg = SimpleNamespace(max_labels=None, selection=SelectionPolicy(max_in_flight=1))
+    t.store, t.dedup, t._last_step = FrameStore(tmp_path / "frames.db"), Deduplicator(0.0), {}
+    t.sock = _pull(endpoint)
+    done = Future()
+    done.set_result((-1.0, np.zeros((3, 3))))
+    t._in_flight = {999: (done, _water())}          # finished, not yet collected
+    sent = []
+    t.labeller = SimpleNamespace(submit=lambda s: sent.append(s) or Future())
+    push = zmq.Context.instance().socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 1000)
+    push.connect(endpoint)
+    try:
+        push.send_multipart(encode(FrameMessage(_water((0.3, 0, 0)), _header(frame_id="new", step=7))))
+        time.sleep(0.3)
+        t.select_and_submit()                     # outside a refinement: the slot is taken
+        assert sent == []
+        t._keep_labelling()                       # inside: stored, and the worker gets it
+        assert [r.frame_id for r in t.store.rows(state="labelling")] == ["new"]
+        assert len(sent) == 1 and 999 in t._in_flight and len(t._in_flight) == 2
+        t._keep_labelling()                       # one worker, busy: nothing more
+        assert len(sent) == 1
+    finally:
+        push.close()
+        t.sock.close()
+
+
 # ------------------------------------------------------------------ flag policy
 
 def _prediction(confidence=0.99, forces_sigma=(0.01, 0.02, 0.03)):

@@ -29,7 +29,7 @@ the fitted force noise (the paper's aleatoric force term).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -212,7 +212,8 @@ class LastLayerPosterior(Posterior):
 
     def refine_backbone(self, frames: Sequence[LabelledFrame], steps: int, lr: float = 1e-3,
                         batch_size: int = 4, anchor: dict | None = None, seed: int = 0,
-                        progress: bool = False, replay: Sequence[LabelledFrame] = ()) -> dict:
+                        progress: bool = False, replay: Sequence[LabelledFrame] = (),
+                        between_steps: Callable[[], None] | None = None) -> dict:
         """Adam steps on *all* MACE weights (the readout's energy given by the posterior mean)
         against the energies and forces of ``frames``, weighted by the fit's noise levels, with
         a Gaussian anchor of width ``settings.prior_sigma`` around ``anchor`` (name -> tensor;
@@ -223,7 +224,9 @@ class LastLayerPosterior(Posterior):
 
         Why: a readout-only posterior cannot absorb what a foundation model gets wrong in a new
         region; conditioning it on such frames trades accuracy elsewhere for them
-        (``benchmarks/bench_onthefly.out``). Returns gradient steps and the last loss per frame.
+        (``benchmarks/bench_onthefly.out``). ``between_steps``: called after every step (the
+        trainer keeps its reference workers busy meanwhile). Returns gradient steps and the
+        last loss per frame.
         """
         from rarefly.graph import build_graph
 
@@ -268,6 +271,8 @@ class LastLayerPosterior(Posterior):
                 loss.backward()
                 opt.step()
                 loss_val = float(loss.detach())
+                if between_steps is not None:
+                    between_steps()
         finally:
             for p in params:
                 p.requires_grad_(False)

@@ -174,9 +174,14 @@ class Trainer:
             n += row is not None
         return n
 
-    def select_and_submit(self) -> None:
+    def select_and_submit(self, running_only: bool = False) -> None:
+        """Send the best queued frames to the reference, up to ``max_in_flight`` tasks at a
+        time. ``running_only``: count only tasks still running, not finished ones waiting to
+        be collected (during a refinement, when labels are not recorded)."""
         budget = self.cfg.max_labels
-        free = self.cfg.selection.max_in_flight - len(self._in_flight)
+        busy = (sum(not fut.done() for fut, _ in self._in_flight.values()) if running_only
+                else len(self._in_flight))
+        free = self.cfg.selection.max_in_flight - busy
         if free <= 0:
             return
         for row in rank(self.store.rows(state="queued")):
@@ -263,7 +268,8 @@ class Trainer:
         if self._refines() and (self._redesign or self._labels_since_refine >= self.cfg.backbone_every):
             frames = self.store.labelled_frames()
             ft = post.refine_backbone(frames, self.cfg.backbone_steps, lr=self.cfg.backbone_lr,
-                                      anchor=self._anchor, replay=self._replay)
+                                      anchor=self._anchor, replay=self._replay,
+                                      between_steps=self._keep_labelling)
             self._blocks = post.design(frames)       # the features changed: every label again
             stats = {**post.condition(self._blocks, self._start_mean, self._start_cov), **ft}
             self._labels_since_refine = 0
@@ -296,6 +302,13 @@ class Trainer:
                     seconds=time.time() - t0, gradient_steps=stats.get("gradient_steps", 0),
                     calibration=post.calibration.to_dict(), **hold)
         return True
+
+    def _keep_labelling(self) -> None:
+        """Between two refinement steps: store the frames the drivers sent and give free
+        reference workers new frames; finished labels wait for the refined model (their
+        pre-update residuals need a model that is not half-way through an update)."""
+        self.receive(timeout_ms=0, max_seconds=0.005)
+        self.select_and_submit(running_only=True)
 
     def _refines(self) -> bool:
         return self.cfg.backbone_steps > 0 and self.posterior.kind == "lastlayer"
