@@ -185,6 +185,8 @@ def test_demo_config_is_a_valid_run_config_for_its_folder(tmp_path):
     assert cfg.system.steps == 50 and cfg.budget.max_reference_calls == 2
     assert cfg.reference.calculator == "xtb" and cfg.learning.holdout_frames > 0
     assert not cfg.learning.align_energies
+    assert cfg.learning.backbone_steps > 0
+    assert cfg.learning.backbone_replay == DATA_DIR / "foundation_train.xyz"
     # the shipped file itself is a valid configuration too
     shipped = load_config(DATA_DIR / "demo.toml", check_code=False)
     assert shipped.budget.max_reference_calls == 24 and shipped.model.file is None

@@ -437,8 +437,9 @@ what it does (default: on-the-fly learning, the configuration rarefly/data/demo.
      GFN2-xTB data (~15 s; cached as DIR/model-lastlayer.rfly and reused by later runs);
   2. writes DIR/config.toml, a copy of demo.toml for this folder, and runs it as
      `rarefly run DIR/config.toml` does: i-PI NVT MD of ethanol at 600 K, `rarefly driver`
-     flagging uncertain frames, `rarefly trainer` labelling them with GFN2-xTB (tblite) and
-     publishing refined models that the driver picks up; until 24 reference calls are
+     flagging uncertain frames, `rarefly trainer` labelling them with GFN2-xTB (tblite),
+     refining all MACE weights every 8 labels (replaying the embedded model's training
+     frames) and publishing refined models that the driver picks up; until 24 reference calls are
      spent (under a minute on two cores) or the 1000 steps are done;
   3. writes DIR/report.md with its plots and prints where the trajectory, the uncertainty
      log and the report are, and how the error on 8 held-out GFN2-xTB frames changed from
@@ -591,6 +592,8 @@ def demo_config(structure: Path, model_name: str, *, steps: int | None = None,
     text = _toml_set(text, "system", "structure", json.dumps(str(structure)))
     text = _toml_set(text, "model", "file", json.dumps(model_name))
     text = _toml_set(text, "output", "directory", '"."')
+    text = _toml_set(text, "learning", "backbone_replay",
+                     json.dumps(str(DATA_DIR / "foundation_train.xyz")))
     if steps is not None:
         text = _toml_set(text, "system", "steps", str(int(steps)))
     if max_reference_calls is not None:
