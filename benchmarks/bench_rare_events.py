@@ -240,6 +240,20 @@ def colvar(path: Path) -> dict[str, np.ndarray]:
     return dict(zip(fields, data.T))
 
 
+def poisson_upper(k: int) -> float:
+    """One-sided 95 % upper bound on a Poisson mean with k events seen (3.0 for none)."""
+    from scipy.stats import chi2
+
+    return float(chi2.ppf(0.95, 2 * (k + 1)) / 2)
+
+
+def poisson_lower(k: int) -> float:
+    """One-sided 95 % lower bound on a Poisson mean with k events seen."""
+    from scipy.stats import chi2
+
+    return float(chi2.ppf(0.05, 2 * k) / 2) if k else 0.0
+
+
 def crossing_steps(phi_deg: np.ndarray) -> list[int]:
     """Frames at which the state changes between L (-180 < phi < -30) and R (30 < phi < 130
     deg), with hysteresis: frames in neither state keep the last state."""
@@ -467,16 +481,14 @@ def main() -> int:
     temps = ", ".join(f"{k} {r['T']:.0f}+-{r['T_std']:.0f}" for k, r in results.items())
     if n_cross == 0:
         # one-sided 95 % Poisson upper bound on the mean count when 0 events are seen: 3.0
-        upper = 3.0 * 1e4 / n
+        upper = poisson_upper(0) * 1e4 / n
         if best["crossings"] == 0:
             print(f"summary: target NOT RESOLVED: no crossing in any run (unbiased {n} steps, "
                   f"biased {best['steps']} steps each); temperatures (K): {temps}")
         else:
-            from scipy.stats import chi2
-
             ratio = best["rate"] / upper
             # stricter: the biased count at its own one-sided 95 % Poisson lower bound too
-            low = float(chi2.ppf(0.05, 2 * best["crossings"]) / 2) * 1e4 / best["steps"]
+            low = poisson_lower(best["crossings"]) * 1e4 / best["steps"]
             verdict = ("MET against the unbiased rate's 95 % upper bound" if ratio >= 10 else
                        "NOT RESOLVED (lower bound below 10x)")
             print(f"summary: unbiased MD crossed 0 times in {n} steps, so its rate is below "
@@ -488,12 +500,10 @@ def main() -> int:
                   f"{low / upper:.1f}x: a longer biased run would tighten it); temperatures "
                   f"(K, mean+-std): {temps}")
     else:
-        from scipy.stats import chi2
-
         rate = n_cross * 1e4 / n
         ratio = best["rate"] / rate
         # one-sided 95 % Poisson upper bound on the unbiased mean count, k events seen
-        upper = float(chi2.ppf(0.95, 2 * (n_cross + 1)) / 2) * 1e4 / n
+        upper = poisson_upper(n_cross) * 1e4 / n
         bound = best["rate"] / upper
         if ratio < 10:
             verdict = "NOT MET"

@@ -27,22 +27,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from scipy.stats import chi2
 
 HERE = Path(__file__).resolve().parent
 _spec = importlib.util.spec_from_file_location("bench_rare_events", HERE / "bench_rare_events.py")
 bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
-
-
-def upper(k: int) -> float:
-    """One-sided 95 % upper bound on a Poisson mean with k events seen."""
-    return float(chi2.ppf(0.95, 2 * (k + 1)) / 2)
-
-
-def lower(k: int) -> float:
-    """One-sided 95 % lower bound on a Poisson mean with k events seen."""
-    return float(chi2.ppf(0.05, 2 * k) / 2) if k else 0.0
 
 
 def run_facts(d: Path) -> dict:
@@ -83,7 +72,7 @@ def main() -> int:
     nu, ku = sum(r["steps"] for r in unb), sum(r["crossings"] for r in unb)
     nb, kb = sum(r["steps"] for r in bia), sum(r["crossings"] for r in bia)
     ru, rb = ku * 1e4 / nu, kb * 1e4 / nb
-    ru_hi, rb_lo = upper(ku) * 1e4 / nu, lower(kb) * 1e4 / nb
+    ru_hi, rb_lo = bench.poisson_upper(ku) * 1e4 / nu, bench.poisson_lower(kb) * 1e4 / nb
     print(f"unbiased: {ku} crossings in {nu} steps, {ru:.2f} per 10,000 steps "
           f"(95 % upper bound {ru_hi:.2f})")
     print(f"biased:   {kb} crossings in {nb} steps, {rb:.2f} per 10,000 steps "

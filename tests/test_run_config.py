@@ -286,6 +286,8 @@ def test_backbone_refinement_reaches_the_trainer_and_bad_values_are_refused(tmp_
 
 
 def test_rate_cap_reaches_the_trainer_and_its_parser(tmp_path, ethanol_xyz):
+    import argparse
+
     from rarefly.run import OnTheFlyRun
     from rarefly.trainer_cli import configure_parser
 
@@ -295,8 +297,6 @@ def test_rate_cap_reaches_the_trainer_and_its_parser(tmp_path, ethanol_xyz):
     run.holdout = None
     cmd = run.trainer_command()
     assert cmd[cmd.index("--min-step-gap") + 1] == "40"
-    import argparse
-
     parser = argparse.ArgumentParser()
     configure_parser(parser)
     args = parser.parse_args(cmd[cmd.index("trainer") + 1:])

@@ -257,7 +257,7 @@ def test_rate_cap_labels_one_flagged_frame_per_step_window_and_survives_a_restar
     from types import SimpleNamespace
 
     from rarefly.trainer.loop import Trainer
-    from rarefly.trainer.selection import Deduplicator, SelectionPolicy, last_steps
+    from rarefly.trainer.selection import Deduplicator, RateCap, SelectionPolicy
     from rarefly.trainer.store import FrameStore
 
     class Labeller:                               # records what would go to the reference
@@ -273,7 +273,7 @@ def test_rate_cap_labels_one_flagged_frame_per_step_window_and_survives_a_restar
         t.cfg = SimpleNamespace(max_labels=None,
                                 selection=SelectionPolicy(max_in_flight=100, min_step_gap=gap))
         t.store, t.dedup, t.labeller, t._in_flight = store, Deduplicator(0.0), Labeller(), {}
-        t._last_step = last_steps(store.rows(state="labelled"))
+        t.rate_cap = RateCap(gap, store.rows(state="labelled"))   # as Trainer.__init__ does
         t.labels_done = lambda: 0
         return t
 
@@ -321,13 +321,13 @@ def test_trainer_keeps_reference_workers_busy_during_a_refinement(tmp_path):
     from types import SimpleNamespace
 
     from rarefly.trainer.loop import Trainer
-    from rarefly.trainer.selection import Deduplicator, SelectionPolicy
+    from rarefly.trainer.selection import Deduplicator, RateCap, SelectionPolicy
     from rarefly.trainer.store import FrameStore
 
     endpoint = f"ipc://{tmp_path}/learn"
     t = Trainer.__new__(Trainer)
     t.cfg = SimpleNamespace(max_labels=None, selection=SelectionPolicy(max_in_flight=1))
-    t.store, t.dedup, t._last_step = FrameStore(tmp_path / "frames.db"), Deduplicator(0.0), {}
+    t.store, t.dedup, t.rate_cap = FrameStore(tmp_path / "frames.db"), Deduplicator(0.0), RateCap(0)
     t.sock = _pull(endpoint)
     done = Future()
     done.set_result((-1.0, np.zeros((3, 3))))

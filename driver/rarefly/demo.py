@@ -585,6 +585,7 @@ def demo_config(structure: Path, model_name: str, *, steps: int | None = None,
                 max_reference_calls: int | None = None, foundation: str = "small") -> str:
     """The text of DIR/config.toml: the shipped demo.toml, made to run in DIR."""
     import json
+    import tomllib
 
     from rarefly.foundation import DATA_DIR
 
@@ -592,8 +593,9 @@ def demo_config(structure: Path, model_name: str, *, steps: int | None = None,
     text = _toml_set(text, "system", "structure", json.dumps(str(structure)))
     text = _toml_set(text, "model", "file", json.dumps(model_name))
     text = _toml_set(text, "output", "directory", '"."')
-    text = _toml_set(text, "learning", "backbone_replay",
-                     json.dumps(str(DATA_DIR / "foundation_train.xyz")))
+    replay = tomllib.loads(text).get("learning", {}).get("backbone_replay")
+    if replay:  # a package-data file: its path must not depend on DIR
+        text = _toml_set(text, "learning", "backbone_replay", json.dumps(str(DATA_DIR / replay)))
     if steps is not None:
         text = _toml_set(text, "system", "steps", str(int(steps)))
     if max_reference_calls is not None:

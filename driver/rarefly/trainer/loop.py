@@ -26,7 +26,7 @@ from rarefly.posterior.base import LabelledFrame, update_calibration
 from rarefly.trainer.labelling import ExecutorSpec, Labeller
 from rarefly.trainer.messages import MessageError, decode
 from rarefly.trainer.reference import ReferenceSpec
-from rarefly.trainer.selection import Deduplicator, SelectionPolicy, last_steps, rank
+from rarefly.trainer.selection import Deduplicator, RateCap, SelectionPolicy, rank
 from rarefly.trainer.store import FrameStore
 
 log = logging.getLogger("rarefly.trainer")
@@ -73,8 +73,7 @@ class Trainer:
         self.dedup = Deduplicator(cfg.selection.dedup_tol)
         for f in self.store.labelled_frames():
             self.dedup.add(f.structure)
-        self._last_step = last_steps(list(self.store.rows(state="labelled"))
-                                     + list(self.store.rows(state="labelling")))
+        self.rate_cap = RateCap(cfg.selection.min_step_gap, self.store.rows(state="labelled"))
         self._start_mean = getattr(self.posterior, "mean", None)
         self._start_cov = getattr(self.posterior, "cov", None)
         self._blocks = None
@@ -189,20 +188,15 @@ class Trainer:
                 break
             if budget is not None and self.labels_done() + len(self._in_flight) >= budget:
                 return
-            gap, step = self.cfg.selection.min_step_gap, row.get("step")
-            flagged = row.get("origin") != "audit"
-            if gap and flagged and step is not None:
-                last = self._last_step.get(row.get("walker") or 0)
-                if last is not None and int(step) < last + gap:
-                    self.store.set_state(row.id, "skipped",
-                                         reason=f"rate cap: within {gap} steps of the last label")
-                    continue
+            if not self.rate_cap.allows(row):
+                self.store.set_state(row.id, "skipped", reason=f"rate cap: within "
+                                     f"{self.rate_cap.gap} steps of the last label")
+                continue
             s = self.store.structure(row)
-            if flagged and self.dedup.is_duplicate(s):
+            if row.get("origin") != "audit" and self.dedup.is_duplicate(s):
                 self.store.set_state(row.id, "skipped", reason="near-duplicate")
                 continue
-            if flagged and step is not None:
-                self._last_step[row.get("walker") or 0] = int(step)
+            self.rate_cap.take(row)
             self.dedup.add(s)
             self.store.set_state(row.id, "labelling")
             self._in_flight[row.id] = (self.labeller.submit(s), s)

@@ -48,17 +48,33 @@ class Deduplicator:
         self.seen.setdefault(comp, []).append(fp)
 
 
-def last_steps(rows) -> dict:
-    """Step of the latest flagged frame chosen per walker (rows being or already labelled):
-    where the rate cap of a restarted trainer picks up."""
-    last: dict = {}
-    for r in rows:
-        step = r.get("step")
-        if r.get("origin") == "audit" or step is None:
-            continue
-        w = r.get("walker") or 0
-        last[w] = max(int(step), last.get(w, int(step)))
-    return last
+class RateCap:
+    """At most one flagged frame per ``gap`` MD steps of a walker: a frame less than ``gap``
+    steps after the last one taken from its walker is refused. Audit frames and frames
+    without a step are never capped; ``gap = 0`` caps nothing. Built from the rows already
+    labelled, so that a restarted trainer keeps its window."""
+
+    def __init__(self, gap: int, labelled_rows=()):
+        self.gap = int(gap)
+        self.last: dict = {}
+        for r in labelled_rows:
+            if self._capped(r):
+                self.take(r)
+
+    @staticmethod
+    def _capped(row) -> bool:
+        return row.get("origin") != "audit" and row.get("step") is not None
+
+    def allows(self, row) -> bool:
+        if not (self.gap and self._capped(row)):
+            return True
+        last = self.last.get(row.get("walker") or 0)
+        return last is None or int(row.get("step")) >= last + self.gap
+
+    def take(self, row) -> None:
+        if self._capped(row):
+            w = row.get("walker") or 0
+            self.last[w] = max(int(row.get("step")), self.last.get(w, int(row.get("step"))))
 
 
 def rank(rows) -> list:
