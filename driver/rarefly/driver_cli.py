@@ -89,6 +89,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--device", default="cpu", metavar="DEVICE",
                        help="torch device for the model: cpu, cuda or cuda:N "
                             "(default: %(default)s)")
+    model.add_argument("--compile", action="store_true",
+                       help="compile the model with torch.compile (lastlayer models): faster force "
+                            "calls after a one-off compilation of about 30 s, done on the template "
+                            "before connecting and again after each new model version "
+                            "(benchmarks/bench_compile.out)")
     model.add_argument("--epsilon", type=_positive, default=None, metavar="VALUE",
                        help="energy tolerance of the reported confidence "
                             "P(|E error| < epsilon) (default: the model file's value)")
@@ -322,6 +327,7 @@ def run(args: argparse.Namespace, *, loader: Loader | None = None) -> int:
             raise DriverError(str(exc)) from None
         predictor = _without_unused_gradient(load_model(args.model, args.device, epsilon, loader), args)
         check_species(template.numbers, predictor, args.model, args.template)
+        predictor = _compiled(predictor, args, template, logger)
         logger.info("model %s (version %s) ready for %d atoms, %s; connecting to i-PI",
                     args.model, getattr(predictor, "model_version", "?"), len(template),
                     "periodic" if any(template.pbc) else "not periodic")
@@ -356,6 +362,24 @@ def _without_unused_gradient(predictor, args):
     backward pass fewer per call, measured in benchmarks/bench_driver.out)."""
     if hasattr(predictor, "sigma_gradient"):
         predictor.sigma_gradient = bool(args.cv)
+    return predictor
+
+
+def _compiled(predictor, args, template, logger):
+    """With ``--compile``: compile the model and make its first (compiling) call on the
+    template, so that i-PI does not wait for the compilation."""
+    if not getattr(args, "compile", False):
+        return predictor
+    from rarefly.posterior.compiled import CompileError, compile_posterior
+    from rarefly.prediction import Structure
+
+    try:
+        compile_posterior(predictor)
+    except CompileError as exc:
+        raise DriverError(str(exc)) from None
+    logger.info("compiling model version %s on the template %s (about 30 s, once) ...",
+                getattr(predictor, "model_version", "?"), args.template)
+    predictor.predict([Structure.from_atoms(template)])
     return predictor
 
 
@@ -409,8 +433,9 @@ def _compose(args, predictor, template, loader, logger):
             return new
 
         watcher = ModelWatcher(args.model, predictor,
-                               lambda path: _without_unused_gradient(
+                               lambda path: _compiled(_without_unused_gradient(
                                    load_model(path, args.device, None, loader), args),
+                                   args, template, logger),
                                on_swap=_swap)
 
         def provider():
