@@ -567,8 +567,9 @@ def machine_header(model_path: Path, model_note: str, posteriors: dict) -> list[
         f"            ScaleShiftMACE, {nparam} weights, r_max {post.r_max:g} A, "
         f"{len(bb.interactions)} interactions, hidden {hidden}, {post.dtype}; "
         f"lastlayer rank {posteriors['lastlayer'][0].rank} ({post.backbone.num_features} "
-        f"readout features); sghmc {posteriors['sghmc'][0].num_samples} samples, "
-        f"force-noise head {posteriors['sghmc'][0].config.force_noise_head}",
+        f"readout features)"
+        + (f"; sghmc {posteriors['sghmc'][0].num_samples} samples, force-noise head "
+           f"{posteriors['sghmc'][0].config.force_noise_head}" if "sghmc" in posteriors else ""),
     ]
 
 
