@@ -11,6 +11,7 @@ from rarefly.prediction import Structure
 def test_compiled_lastlayer_matches_eager(model_file, ethanol_xyz):
     from ase.io import read
 
+    from rarefly.graph import build_graph
     from rarefly.posterior import load_posterior
     from rarefly.posterior.compiled import compile_posterior
 
@@ -31,8 +32,6 @@ def test_compiled_lastlayer_matches_eager(model_file, ethanol_xyz):
         assert b.energy_sigma == pytest.approx(a.energy_sigma, rel=1e-9)
         np.testing.assert_allclose(b.energy_sigma_gradient, a.energy_sigma_gradient, atol=1e-9)
         np.testing.assert_allclose(b.forces_sigma, a.forces_sigma, rtol=1e-9)
-        from rarefly.graph import build_graph
-
         edges.append(build_graph([s], eager.r_max, eager.atomic_numbers, eager.dtype)["edge_index"].shape[1])
     assert edges[0] != edges[1]  # the second geometry has another neighbour list
 
