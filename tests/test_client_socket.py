@@ -799,6 +799,60 @@ def test_rarefly_driver_command_with_a_model_file(tmp_path, compiled):
     assert len(fsigma) == 6 and all(len(row) == len(atoms) for row in fsigma)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compile"])
+def test_driver_watch_serves_the_new_model_version(tmp_path, compiled):
+    """``rarefly driver --watch`` (no --learn, no --cv) serving ASE's SocketIOCalculator: a new
+    model file (other MACE weights, other readout posterior) atomically replaces the served one
+    between two force calls; the next call gives the new version's energy. With ``--compile``
+    the new weights are copied into the compiled model (the driver says so): no second
+    compilation."""
+    import torch
+    from ase.build import molecule
+
+    from rarefly.posterior import load_posterior
+    from rarefly.prediction import Structure
+
+    pytest.importorskip("mace")
+    atoms = molecule("CH3CH2OH")
+    atoms.cell = np.eye(3) * 12.0
+    atoms.pbc = False
+    template = write_template(tmp_path, atoms)
+    model = tmp_path / "model.rfly"
+    name = unique_name()
+    with open(tmp_path / "driver.log", "w") as log, \
+            SocketIOCalculator(unixsocket=name, timeout=300) as calc:
+        driver = subprocess.Popen([sys.executable, "-c", BUILD_MODEL, str(model), template, "-u",
+                                   "-a", name, "--watch"] + (["--compile"] if compiled else []),
+                                  stdout=subprocess.DEVNULL, stderr=log, text=True)
+        try:
+            atoms.calc = calc
+            first = atoms.get_potential_energy()     # served once the compiled model is ready
+            reference = json.loads((tmp_path / "model.rfly.json").read_text())
+            assert first == pytest.approx(reference["energy"], rel=1e-6)
+            newer = load_posterior(model)
+            gen = torch.Generator().manual_seed(2)
+            with torch.no_grad():
+                for p in newer.backbone.model.parameters():
+                    p.add_(0.05 * p.abs().mean() * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+                newer.mean.add_(1e-3)
+            newer.model_version = 2
+            newer.save(tmp_path / "v2.rfly")
+            os.replace(tmp_path / "v2.rfly", model)   # what the trainer's publish does
+            atoms.positions[0, 0] += 0.01
+            expected = load_posterior(model).predict([Structure.from_atoms(atoms)])[0].energy
+            assert abs(expected - first) > 1e-3
+            assert atoms.get_potential_energy() == pytest.approx(expected, rel=1e-6)
+        finally:
+            stop(driver)
+    err = (tmp_path / "driver.log").read_text()
+    assert "Traceback" not in err, err
+    assert "version 0 -> 2" in err, err
+    assert err.count("compiling model version") == int(compiled), err
+    assert ("model version 2: weights copied into the compiled model (no re-compilation)"
+            in err) == compiled, err
+
+
 def test_guarantee_mode_reference_failures_are_one_sentence_each(tmp_path):
     """``--mode guarantee`` with a reference that cannot do the structure (EMT has no argon):
     the first failures keep the model's forces with a one-line warning each and send the

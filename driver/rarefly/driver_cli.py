@@ -365,14 +365,21 @@ def _without_unused_gradient(predictor, args):
     return predictor
 
 
-def _compiled(predictor, args, template, logger):
+def _compiled(predictor, args, template, logger, previous=None):
     """With ``--compile``: compile the model and make its first (compiling) call on the
-    template, so that i-PI does not wait for the compilation."""
+    template, so that i-PI does not wait for the compilation. On a hot swap (``previous``:
+    the compiled version being served) the new weights go into the compiled model instead,
+    without a re-compilation, when the architecture is the same."""
     if not getattr(args, "compile", False):
         return predictor
-    from rarefly.posterior.compiled import CompileError, compile_posterior
+    from rarefly.posterior.compiled import CompileError, adopt_compiled, compile_posterior
     from rarefly.prediction import Structure
 
+    if previous is not None and adopt_compiled(predictor, previous):
+        logger.info("model version %s: weights copied into the compiled model (no re-compilation)",
+                    getattr(predictor, "model_version", "?"))
+        predictor.predict([Structure.from_atoms(template)])
+        return predictor
     try:
         compile_posterior(predictor)
     except CompileError as exc:
@@ -425,22 +432,26 @@ def _compose(args, predictor, template, loader, logger):
     if args.watch or args.learn:
         from rarefly.hotswap import ModelWatcher
 
+        served = {"outer": outer}
+
         def _swap(new):
             if flagger is not None:
                 flagger.inner = new
             if service is not None:
                 service.set_predictor(flagger or new)
+            if flagger is None and service is None:   # --watch alone: the model is served bare
+                served["outer"] = new
             return new
 
         watcher = ModelWatcher(args.model, predictor,
                                lambda path: _compiled(_without_unused_gradient(
                                    load_model(path, args.device, None, loader), args),
-                                   args, template, logger),
+                                   args, template, logger, previous=watcher.current),
                                on_swap=_swap)
 
         def provider():
             watcher()
-            return outer
+            return served["outer"]
     return outer, on_prediction, provider, closers
 
 

@@ -16,7 +16,12 @@ Costs and limits:
 
 - the first call compiles (about 30 s for the embedded model on 2 cores; a structure with a
   periodic cell after a molecule compiles once more); ``rarefly driver --compile`` makes that
-  call on its template before it connects to i-PI, and again after each hot swap;
+  call on its template before it connects to i-PI;
+- a hot swap does not compile again: :func:`adopt_compiled` copies the new version's MACE
+  weights into the compiled model in place (same architecture, same parameter names and
+  shapes; the compiled graphs take the weights as inputs, so new values need no new graph)
+  and hands the new posterior that compiled backbone; only when the architecture differs is
+  the new model compiled from scratch;
 - ``lastlayer`` only: ``sghmc`` evaluates its samples through ``torch.func.vmap`` over
   functional parameters, which this path does not compile;
 - the lastlayer call runs two backward passes over one forward graph (``retain_graph``),
@@ -66,3 +71,37 @@ def compile_posterior(posterior):
     posterior.backbone = backbone
     posterior.compiled = True
     return posterior
+
+
+def adopt_compiled(new, old) -> bool:
+    """Give the freshly loaded posterior ``new`` the compiled backbone of ``old`` (the version
+    being served), with ``new``'s MACE weights copied into it in place: a hot swap without a
+    re-compilation. Returns False, changing nothing, when that is not possible (``old`` is not
+    compiled, the kinds, heads or architectures differ, or any weight's name, shape or dtype
+    does not match); the caller then compiles ``new`` itself.
+
+    ``old`` stops being valid: its backbone now carries ``new``'s weights. The hot swap calls
+    this between two force calls, when ``old`` is being replaced."""
+    if not getattr(old, "compiled", False) or getattr(new, "kind", None) != "lastlayer" \
+            or getattr(old, "kind", None) != "lastlayer":
+        return False
+    if new.backbone.head != old.backbone.head or new.dtype != old.dtype or new.device != old.device:
+        return False
+    if new.architecture and old.architecture and new.architecture != old.architecture:
+        return False
+    src = new.backbone.model.state_dict()
+    dst = old.backbone.model.state_dict()
+    # every weight must match; ``torch.fx`` tracing drops a few constant buffers (the
+    # ``*_zeroed`` masks of the symmetric contractions, fixed by the architecture), so the
+    # compiled model may hold fewer buffers than the eager one, never other ones
+    params_src = {k for k, _ in new.backbone.model.named_parameters()}
+    params_dst = {k for k, _ in old.backbone.model.named_parameters()}
+    if params_src != params_dst or not dst.keys() <= src.keys() \
+            or any(src[k].shape != dst[k].shape or src[k].dtype != dst[k].dtype for k in dst):
+        return False
+    with torch.no_grad():  # all checks passed: the copy cannot fail half-way
+        for k, v in dst.items():
+            v.copy_(src[k])
+    new.backbone = old.backbone
+    new.compiled = True
+    return True
