@@ -378,7 +378,6 @@ def _compiled(predictor, args, template, logger, previous=None):
     if previous is not None and adopt_compiled(predictor, previous):
         logger.info("model version %s: weights copied into the compiled model (no re-compilation)",
                     getattr(predictor, "model_version", "?"))
-        predictor.predict([Structure.from_atoms(template)])
         return predictor
     try:
         compile_posterior(predictor)
@@ -432,15 +431,11 @@ def _compose(args, predictor, template, loader, logger):
     if args.watch or args.learn:
         from rarefly.hotswap import ModelWatcher
 
-        served = {"outer": outer}
-
         def _swap(new):
             if flagger is not None:
                 flagger.inner = new
             if service is not None:
                 service.set_predictor(flagger or new)
-            if flagger is None and service is None:   # --watch alone: the model is served bare
-                served["outer"] = new
             return new
 
         watcher = ModelWatcher(args.model, predictor,
@@ -450,8 +445,9 @@ def _compose(args, predictor, template, loader, logger):
                                on_swap=_swap)
 
         def provider():
-            watcher()
-            return served["outer"]
+            current = watcher()
+            # wrapped (--learn, --cv): the wrappers hold the current model; bare: serve it
+            return current if outer is predictor else outer
     return outer, on_prediction, provider, closers
 
 
