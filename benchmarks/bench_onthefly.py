@@ -249,6 +249,7 @@ update_every = 1
 backbone_steps = {args.backbone_steps}
 backbone_every = {args.backbone_every}
 {replay}min_step_gap = {args.min_step_gap}
+calibration_memory = {args.calibration_memory}
 align_energies = {"true" if args.align else "false"}
 holdout_file = "{TS}"
 
@@ -415,6 +416,9 @@ def main() -> int:
     ap.add_argument("--min-step-gap", type=int, default=0,
                     help="trainer rate cap ([learning] min_step_gap): at most one flagged frame "
                          "labelled per this many MD steps (0: none; b flags nothing)")
+    ap.add_argument("--calibration-memory", type=int, default=0,
+                    help="forgetting Student-t calibration ([learning] calibration_memory): about "
+                         "the last this-many labels set the scale (0: all, the paper's update)")
     ap.add_argument("--model", type=Path, default=None,
                     help=f"starting model file (default {MODEL.relative_to(REPO)}, built when "
                          "missing; check_ala2_start_model.py writes a fine-tuned thermal one)")
@@ -452,7 +456,9 @@ def main() -> int:
           + (f"; rate cap: at most one flagged frame labelled per {args.min_step_gap} MD steps "
              "([learning] min_step_gap)" if args.min_step_gap else "")
           + ("; energies aligned at the first label ([learning] align_energies)"
-             if args.align else ""))
+             if args.align else "")
+          + (f"; calibration remembers about the last {args.calibration_memory} labels "
+             "([learning] calibration_memory)" if args.calibration_memory else ""))
     print(f"epsilon = {args.epsilon_kcal:g} kcal/mol = {eps * 1000:.1f} meV; starting model's "
           f"confidence: basin frames median {np.median(s['conf_basin']):.3f} "
           f"({np.mean(s['conf_basin'] < LEVEL):.0%} below {LEVEL}), TS frames median "

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import integrate, stats
 
-from rarefly.calibration import ScaleCalibration, confidence
+from rarefly.calibration import PRIOR_A, PRIOR_B, Calibration, ScaleCalibration, confidence
 
 
 def _numerical(epsilon, sigma, a, b):
@@ -37,3 +37,40 @@ def test_update_is_conjugate_and_calibrates():
     pred = cal.confidence(0.1, eps)
     observed = np.mean(np.abs(rng.normal(0, 0.3, 20000)) < eps)
     assert pred == pytest.approx(observed, abs=0.02)
+
+
+def _stream(cal, memory, factors, rng, per_label=1):
+    """Labels whose errors are ``factor`` x the raw sigma, one update per label."""
+    for f in factors:
+        sig = np.full(per_label, 0.1)
+        cal.forget(1, memory)
+        cal.energy.update(rng.normal(0, f * sig), sig)
+        cal.forces.update(rng.normal(0, f * sig), sig)
+
+
+def test_forgetting_follows_the_recent_errors_and_memory_0_is_the_paper_update():
+    rng = np.random.default_rng(1)
+    early, late = [6.0] * 40, [1.0] * 200      # the first model misses by 6 sigma, then learns
+    keep_all, forget = Calibration.prior(), Calibration.prior()
+    _stream(keep_all, 0, early + late, np.random.default_rng(2), per_label=30)
+    _stream(forget, 20, early + late, np.random.default_rng(2), per_label=30)
+    # without forgetting the early misses still widen the scale (36*40 + 200) / 240 ~ 6.8x
+    assert keep_all.forces.variance_factor == pytest.approx((36 * 40 + 200) / 240, rel=0.1)
+    assert keep_all.forces.a == pytest.approx(PRIOR_A + 0.5 * 30 * 240)
+    # with a 20-label memory, the scale is that of the late errors (factor 1)
+    assert forget.forces.variance_factor == pytest.approx(1.0, rel=0.1)
+    # the evidence it keeps is ~ memory labels' worth: a - a0 = 0.5 * 30 * sum(keep^k) ~ 15 * 20
+    assert forget.forces.a - PRIOR_A == pytest.approx(15 * 20, rel=0.05)
+    # one residual per label (energies): the prior still weighs in, but much less than 40 misses
+    assert forget.energy.variance_factor < 0.5 * keep_all.energy.variance_factor
+    # memory 0 (or None) is exactly the never-forgetting update
+    a, b = Calibration.prior(), Calibration.prior()
+    _stream(a, 0, early, np.random.default_rng(3))
+    _stream(b, None, early, np.random.default_rng(3))
+    assert a.to_dict() == b.to_dict()
+    # discounting keeps the prior and refuses nonsense
+    c = ScaleCalibration(a=PRIOR_A + 10, b=PRIOR_B + 40)
+    c.discount(0.5)
+    assert (c.a, c.b) == pytest.approx((PRIOR_A + 5, PRIOR_B + 20))
+    with pytest.raises(ValueError, match="discount"):
+        c.discount(0.0)

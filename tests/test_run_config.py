@@ -305,3 +305,26 @@ def test_rate_cap_reaches_the_trainer_and_its_parser(tmp_path, ethanol_xyz):
     assert "--min-step-gap" not in run.trainer_command()
     fails(write(tmp_path, "[learning]\nmin_step_gap = -5\n", structure=ethanol_xyz),
           "[learning] min_step_gap", "zero or more", check_code=False)
+
+
+def test_calibration_memory_reaches_the_trainer_and_its_config(tmp_path, ethanol_xyz):
+    import argparse
+
+    from rarefly.run import OnTheFlyRun
+    from rarefly.trainer.loop import TrainerConfig
+    from rarefly.trainer_cli import configure_parser
+
+    cfg = load_config(write(tmp_path, "[learning]\ncalibration_memory = 15\n", structure=ethanol_xyz),
+                      check_code=False)
+    run = OnTheFlyRun(cfg)
+    run.holdout = None
+    cmd = run.trainer_command()
+    assert cmd[cmd.index("--calibration-memory") + 1] == "15"
+    parser = argparse.ArgumentParser()
+    configure_parser(parser)
+    assert parser.parse_args(cmd[cmd.index("trainer") + 1:]).calibration_memory == 15
+    assert TrainerConfig(model="m", database="d", endpoint="e").calibration_memory == 0
+    cfg.learning.calibration_memory = 0
+    assert "--calibration-memory" not in run.trainer_command()
+    fails(write(tmp_path, "[learning]\ncalibration_memory = -1\n", structure=ethanol_xyz),
+          "[learning] calibration_memory", "zero or more", check_code=False)

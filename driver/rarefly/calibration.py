@@ -18,6 +18,13 @@ prediction made *before* the model learned from that point), the conjugate updat
 ``sigma * sqrt(E[s^2]) = sigma * sqrt(b / (a - 1))``.
 
 Prior a = 1.5, b = 10 as in the seed paper's implementation.
+
+The paper's update never forgets: residuals of an early, bad model keep the scale wide after
+the model has learned (on-the-fly runs then flag nearly every step). :meth:`ScaleCalibration.discount`
+is the optional forgetting of a discounted conjugate model (exponential forgetting, as in
+West & Harrison's dynamic linear models): before the residuals of ``n`` new labels are added,
+the evidence gathered so far (``a - a0``, ``b - b0``, where ``a0``, ``b0`` is the prior) is
+multiplied by ``(1 - 1/memory) ** n``, so about the last ``memory`` labels decide the scale.
 """
 
 from __future__ import annotations
@@ -56,6 +63,13 @@ class ScaleCalibration:
         self.b += 0.5 * float(np.sum(r * r))
         self.n += int(r.size)
 
+    def discount(self, keep: float) -> None:
+        """Keep the fraction ``keep`` (0..1] of the evidence gathered beyond the prior."""
+        if not 0.0 < keep <= 1.0:
+            raise ValueError(f"calibration discount must be in (0, 1], got {keep}")
+        self.a = PRIOR_A + keep * (self.a - PRIOR_A)
+        self.b = PRIOR_B + keep * (self.b - PRIOR_B)
+
     def confidence(self, raw_sigma, epsilon: float):
         """P(|error| < epsilon) for predictions with raw standard deviation ``raw_sigma``."""
         return confidence(epsilon, raw_sigma, self.a, self.b)
@@ -92,6 +106,15 @@ class Calibration:
 
     def to_dict(self) -> dict:
         return {"energy": self.energy.to_dict(), "forces": self.forces.to_dict()}
+
+    def forget(self, labels: int, memory: int | None) -> None:
+        """Before the residuals of ``labels`` new labels: discount both scales so that about
+        the last ``memory`` labels count (``memory`` None or 0: remember everything)."""
+        if memory:
+            keep = (1.0 - 1.0 / max(int(memory), 1)) ** max(int(labels), 0)
+            keep = max(keep, 1e-12)
+            self.energy.discount(keep)
+            self.forces.discount(keep)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Calibration":

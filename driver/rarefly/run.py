@@ -447,6 +447,8 @@ class OnTheFlyRun:
                 cmd += ["--backbone-replay", str(cfg.learning.backbone_replay)]
         if cfg.learning.min_step_gap:
             cmd += ["--min-step-gap", str(cfg.learning.min_step_gap)]
+        if cfg.learning.calibration_memory:
+            cmd += ["--calibration-memory", str(cfg.learning.calibration_memory)]
         for k, v in cfg.reference.options.items():
             cmd += ["--reference-option", f"{k}={v}"]
         for k, v in cfg.labelling.options.items():

@@ -136,6 +136,10 @@ class LearningConfig:
     min_step_gap: int = 0
     """Rate cap: the trainer labels at most one flagged frame per this many MD steps of a
     walker, the most uncertain one queued (default 0: no cap; audit frames are not capped)."""
+    calibration_memory: int = 0
+    """Forget old residuals: about the last this-many labels set the Student-t calibration
+    (older evidence discounted by (1 - 1/N) per label; default 0: remember all, as the seed
+    paper does, which keeps the scale wide after the first bad predictions are learned)."""
     align_energies: bool = True
     """Align the reference's energy zero to the model's at the first label (default true)."""
     holdout_file: Path | None = None
@@ -420,6 +424,7 @@ _CONVERT = {
     ("learning", "backbone_every"): _positive(lambda v, w, b: _int(v, w)),
     ("learning", "backbone_replay"): _path,
     ("learning", "min_step_gap"): _positive(lambda v, w, b: _int(v, w), strict=False),
+    ("learning", "calibration_memory"): _positive(lambda v, w, b: _int(v, w), strict=False),
     ("learning", "holdout_file"): _path,
     ("learning", "holdout_frames"): _positive(lambda v, w, b: _int(v, w), strict=False),
     ("reference", "options"): _table_of((str, int, float),

@@ -56,6 +56,12 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                         "the most uncertain one queued (default 0: no cap; audit frames are never "
                         "capped). Spreads a reference budget over the run instead of spending it "
                         "on the first flagged steps")
+    p.add_argument("--calibration-memory", type=whole_number(0, "a number of labels (0 or more)"),
+                   default=0, metavar="LABELS",
+                   help="forget old residuals: about the last LABELS labels set the Student-t "
+                        "calibration (older evidence discounted by (1 - 1/LABELS) per label; "
+                        "default 0: remember all, as the seed paper). Lets the scale shrink once "
+                        "the model has learned what its first, bad predictions missed")
     p.add_argument("--holdout", help="extxyz of held-out reference frames: errors logged per version")
     p.add_argument("--max-seconds", type=float, help="stop after this wall time")
     p.add_argument("--no-align", action="store_true", help="do not align reference energies at the first label")
@@ -95,6 +101,7 @@ def run(args) -> int:
                             align_energies=not args.no_align, holdout=args.holdout,
                             backbone_steps=args.backbone_steps, backbone_every=args.backbone_every,
                             backbone_lr=args.backbone_lr, backbone_replay=args.backbone_replay,
+                            calibration_memory=args.calibration_memory,
                             selection=SelectionPolicy(min_step_gap=args.min_step_gap))
         trainer = Trainer(cfg)
     except (ReferenceError, LabellingError, ValueError, FileNotFoundError) as exc:

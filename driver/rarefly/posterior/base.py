@@ -220,9 +220,13 @@ class LabelledFrame:
     info: dict = field(default_factory=dict)
 
 
-def update_calibration(posterior: Posterior, frames: Sequence[LabelledFrame]) -> None:
-    """Student-t update with residuals of the current (pre-update) predictions."""
+def update_calibration(posterior: Posterior, frames: Sequence[LabelledFrame],
+                       memory: int | None = None) -> None:
+    """Student-t update with residuals of the current (pre-update) predictions; with
+    ``memory`` (labels) the older evidence is discounted first (:meth:`Calibration.forget`)."""
     _, mo = None, None
+    if frames:
+        posterior.calibration.forget(len(frames), memory)
     cal_e: ScaleCalibration = posterior.calibration.energy
     cal_f: ScaleCalibration = posterior.calibration.forces
     for i in range(0, len(frames), 16):

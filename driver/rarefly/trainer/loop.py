@@ -58,6 +58,8 @@ class TrainerConfig:
     backbone_lr: float = 1e-3
     #: frames the starting model was fitted on (extxyz or ASE db), replayed in the refinement
     backbone_replay: str | None = None
+    #: Student-t calibration: about the last N labels count (0: all, the seed paper's update)
+    calibration_memory: int = 0
     events: str | None = None                    # trainer.jsonl path (default: beside the db)
 
 
@@ -255,7 +257,7 @@ class Trainer:
             return False
         post = self.posterior
         t0 = time.time()
-        update_calibration(post, self._pending_cal)       # residuals of the pre-update model
+        update_calibration(post, self._pending_cal, self.cfg.calibration_memory)  # residuals of the pre-update model
         self._pending_cal = []
         new, self._new_frames = self._new_frames, []
         self._labels_since_refine += len(new)
