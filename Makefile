@@ -14,7 +14,7 @@ demo: setup
 	$(PY) -m rarefly.cli demo
 
 test: setup-dev
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=15
 
 bench: setup-dev
 	$(PY) benchmarks/bench_driver.py
