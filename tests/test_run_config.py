@@ -285,46 +285,41 @@ def test_backbone_refinement_reaches_the_trainer_and_bad_values_are_refused(tmp_
           "[learning] backbone_replay", check_code=False)
 
 
-def test_rate_cap_reaches_the_trainer_and_its_parser(tmp_path, ethanol_xyz):
+def _trainer_command(tmp_path, ethanol_xyz, learning: str):
+    """The config's [learning] lines -> (run, trainer command line, what `rarefly trainer` parses)."""
     import argparse
 
     from rarefly.run import OnTheFlyRun
     from rarefly.trainer_cli import configure_parser
 
-    cfg = load_config(write(tmp_path, "[learning]\nmin_step_gap = 40\n", structure=ethanol_xyz),
+    cfg = load_config(write(tmp_path, f"[learning]\n{learning}\n", structure=ethanol_xyz),
                       check_code=False)
     run = OnTheFlyRun(cfg)
     run.holdout = None
     cmd = run.trainer_command()
-    assert cmd[cmd.index("--min-step-gap") + 1] == "40"
     parser = argparse.ArgumentParser()
     configure_parser(parser)
-    args = parser.parse_args(cmd[cmd.index("trainer") + 1:])
+    return run, cmd, parser.parse_args(cmd[cmd.index("trainer") + 1:])
+
+
+def test_rate_cap_reaches_the_trainer_and_its_parser(tmp_path, ethanol_xyz):
+    run, cmd, args = _trainer_command(tmp_path, ethanol_xyz, "min_step_gap = 40")
+    assert cmd[cmd.index("--min-step-gap") + 1] == "40"
     assert args.min_step_gap == 40
-    cfg.learning.min_step_gap = 0
+    run.cfg.learning.min_step_gap = 0
     assert "--min-step-gap" not in run.trainer_command()
     fails(write(tmp_path, "[learning]\nmin_step_gap = -5\n", structure=ethanol_xyz),
           "[learning] min_step_gap", "zero or more", check_code=False)
 
 
 def test_calibration_memory_reaches_the_trainer_and_its_config(tmp_path, ethanol_xyz):
-    import argparse
-
-    from rarefly.run import OnTheFlyRun
     from rarefly.trainer.loop import TrainerConfig
-    from rarefly.trainer_cli import configure_parser
 
-    cfg = load_config(write(tmp_path, "[learning]\ncalibration_memory = 15\n", structure=ethanol_xyz),
-                      check_code=False)
-    run = OnTheFlyRun(cfg)
-    run.holdout = None
-    cmd = run.trainer_command()
+    run, cmd, args = _trainer_command(tmp_path, ethanol_xyz, "calibration_memory = 15")
     assert cmd[cmd.index("--calibration-memory") + 1] == "15"
-    parser = argparse.ArgumentParser()
-    configure_parser(parser)
-    assert parser.parse_args(cmd[cmd.index("trainer") + 1:]).calibration_memory == 15
+    assert args.calibration_memory == 15
     assert TrainerConfig(model="m", database="d", endpoint="e").calibration_memory == 0
-    cfg.learning.calibration_memory = 0
+    run.cfg.learning.calibration_memory = 0
     assert "--calibration-memory" not in run.trainer_command()
     fails(write(tmp_path, "[learning]\ncalibration_memory = -1\n", structure=ethanol_xyz),
           "[learning] calibration_memory", "zero or more", check_code=False)
