@@ -17,12 +17,14 @@ VPY=.venv/bin/python
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 # torch first, pinned to the CPU build: a bare 'torch' requirement would pull several GB of CUDA wheels.
 "$VPY" -m pip install -q "torch==2.13.0" || "$VPY" -m pip install -q "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
-# The PLUMED kernel (bundled by the hillclimber wheel, no dependencies: they pull ~130 unrelated packages).
-"$VPY" -m pip install -q --no-deps "hillclimber==0.1.8"
 if [ "$want_dev" = "--dev" ]; then
   "$VPY" -m pip install -q -e ".[dev]"
 else
   "$VPY" -m pip install -q -e .
 fi
+# The PLUMED kernel (bundled by the hillclimber wheel, no dependencies: they pull ~130 unrelated
+# packages). Installed last: with --no-deps pip skips its conflict check, and no later install
+# reports hillclimber's unused dependencies as missing.
+"$VPY" -m pip install -q --no-deps "hillclimber==0.1.8"
 echo "$key" > "$STAMP"
 echo "rarefly: environment ready in .venv"

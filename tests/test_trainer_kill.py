@@ -360,3 +360,79 @@ def test_restart_between_refinements_does_not_count_labels_twice(tmp_path, model
         assert tr._redesign
     finally:
         tr.close()
+
+
+def test_a_stopping_trainer_publishes_every_label_without_waiting_for_a_refinement(tmp_path, model_file):
+    """A refinement takes minutes on a CPU and `rarefly run` gives a stopping trainer seconds.
+    The --max-seconds deadline (as SIGTERM) ends a running refinement after its current Adam
+    step and the partly refined model is published; a refinement that falls due while the
+    trainer winds down is deferred to the next start, and the readout posterior takes the
+    labels now. Either way the published model holds every label (real xTB, real MACE)."""
+    import torch
+
+    from rarefly.posterior import load_posterior
+    from rarefly.trainer.labelling import ExecutorSpec
+    from rarefly.trainer.loop import Trainer, TrainerConfig
+    from rarefly.trainer.reference import ReferenceSpec, label
+    from rarefly.trainer.store import FrameStore
+
+    model = tmp_path / "model.rfly"
+    model.write_bytes(Path(model_file).read_bytes())
+    start = load_posterior(model)
+    ref = ReferenceSpec("xtb")
+    frames = _frames(4)
+
+    def add_labels(batch, first):
+        st = FrameStore(tmp_path / "frames.db")
+        for k, s in enumerate(batch, start=first):
+            st.add_label(st.add(s, frame_id=f"f{k}", origin="flagged"),
+                         *label(ref, s.numbers, s.positions), ref.describe())
+
+    cfg = TrainerConfig(model=str(model), database=str(tmp_path / "frames.db"),
+                        endpoint=f"ipc://{tmp_path}/learn", reference=ref,
+                        executor=ExecutorSpec("threads"), align_energies=False,
+                        backbone_steps=1500, backbone_every=2)
+
+    def weights(post):
+        return {k: v.clone() for k, v in post.backbone.model.state_dict().items() if v.is_floating_point()}
+
+    def publishes():
+        return [e for e in _events(tmp_path / "frames.jsonl") if e["event"] == "publish"]
+
+    add_labels(frames[:3], 0)
+    t0 = time.time()
+    tr = Trainer(cfg)
+    tr.run(max_seconds=6.0)                      # the refinement falls due at once
+    took = time.time() - t0
+    first = publishes()[-1]
+    assert first["stopped_early"] and 0 < first["gradient_steps"] < 1500, first
+    assert took < 60, f"the trainer took {took:.0f} s to stop"
+    refined = load_posterior(model)
+    assert refined.model_version == start.model_version + 1
+    moved = weights(refined)
+    assert any(not torch.equal(v, weights(start)[k]) for k, v in moved.items())
+    rows = list(FrameStore(tmp_path / "frames.db").rows(state="labelled"))
+    assert [r.get("used_in_version") for r in rows] == [refined.model_version] * 3
+
+    add_labels(frames[3:], 3)
+    tr = Trainer(cfg)                            # restarted: a refinement is due (redesign)
+    try:
+        t0 = time.time()
+        tr._wind_down()                          # the stop path of run(): SIGTERM or deadline
+        took = time.time() - t0
+    finally:
+        tr.close()
+    last = publishes()[-1]
+    assert last["refinement_deferred"] and last["gradient_steps"] == 0, last
+    assert took < 30, f"winding down took {took:.0f} s"
+    deferred = load_posterior(model)
+    assert deferred.model_version == refined.model_version + 1
+    assert all(torch.equal(v, moved[k]) for k, v in weights(deferred).items())  # no Adam step
+    assert not torch.equal(deferred.mean, refined.mean)                         # the label learned
+    rows = list(FrameStore(tmp_path / "frames.db").rows(state="labelled"))
+    assert len(rows) == 4 and all(r.get("used_in_version") is not None for r in rows)
+    tr = Trainer(cfg)                            # and the next start refines first
+    try:
+        assert tr._redesign
+    finally:
+        tr.close()

@@ -213,7 +213,7 @@ class LastLayerPosterior(Posterior):
     def refine_backbone(self, frames: Sequence[LabelledFrame], steps: int, lr: float = 1e-3,
                         batch_size: int = 4, anchor: dict | None = None, seed: int = 0,
                         progress: bool = False, replay: Sequence[LabelledFrame] = (),
-                        between_steps: Callable[[], None] | None = None) -> dict:
+                        between_steps: Callable[[], bool | None] | None = None) -> dict:
         """Adam steps on *all* MACE weights (the readout's energy given by the posterior mean)
         against the energies and forces of ``frames``, weighted by the fit's noise levels, with
         a Gaussian anchor of width ``settings.prior_sigma`` around ``anchor`` (name -> tensor;
@@ -225,8 +225,10 @@ class LastLayerPosterior(Posterior):
         Why: a readout-only posterior cannot absorb what a foundation model gets wrong in a new
         region; conditioning it on such frames trades accuracy elsewhere for them
         (``benchmarks/bench_onthefly.out``). ``between_steps``: called after every step (the
-        trainer keeps its reference workers busy meanwhile). Returns gradient steps and the
-        last loss per frame.
+        trainer keeps its reference workers busy meanwhile); when it returns True the
+        refinement ends after that step (a trainer asked to stop: every Adam step leaves a
+        valid model). Returns the gradient steps taken, whether it stopped early, and the last
+        loss per frame.
         """
         from rarefly.graph import build_graph
 
@@ -252,6 +254,7 @@ class LastLayerPosterior(Posterior):
         ref_e_all = [self.offset_energy(f.structure.numbers, f.energy) for f in pool]
         prior_w = 1.0 / (2 * self.settings.prior_sigma ** 2 * len(pool))
         loss_val = float("nan")
+        done = 0
         try:
             for _step in tqdm(range(steps), desc="backbone", unit="step", disable=not progress):
                 idx = rng.choice(N, size=B_new, replace=False)
@@ -271,13 +274,15 @@ class LastLayerPosterior(Posterior):
                 loss.backward()
                 opt.step()
                 loss_val = float(loss.detach())
-                if between_steps is not None:
-                    between_steps()
+                done += 1
+                if between_steps is not None and between_steps():
+                    break
         finally:
             for p in params:
                 p.requires_grad_(False)
                 p.grad = None
-        return {"gradient_steps": int(steps), "backbone_loss_per_frame": loss_val}
+        return {"gradient_steps": done, "stopped_early": done < steps,
+                "backbone_loss_per_frame": loss_val}
 
     @torch.no_grad()
     def _mean_local_variance(self, frames) -> float:

@@ -102,6 +102,7 @@ class Trainer:
         run_dir = Path(cfg.database).parent / "parsl"
         self.labeller = Labeller(cfg.reference, cfg.executor, str(run_dir))
         self._stop = False
+        self._t_end: float | None = None       # --max-seconds, as a time.time() deadline
         self._new_frames: list[LabelledFrame] = []
         # resuming: labels stored but not yet in a published model are learned now
         for f in self.store.labelled_frames():
@@ -261,8 +262,11 @@ class Trainer:
         self._pending_cal = []
         new, self._new_frames = self._new_frames, []
         self._labels_since_refine += len(new)
-        if self._refines() and (self._redesign or self._labels_since_refine >= self.cfg.backbone_every):
+        refine = self._refines() and (self._redesign or self._labels_since_refine >= self.cfg.backbone_every)
+        if refine and not self._stop:
             frames = self.store.labelled_frames()
+            self._event("refine", labels=len(frames), steps=self.cfg.backbone_steps,
+                        model_version=post.model_version)
             ft = post.refine_backbone(frames, self.cfg.backbone_steps, lr=self.cfg.backbone_lr,
                                       anchor=self._anchor, replay=self._replay,
                                       between_steps=self._keep_labelling)
@@ -270,6 +274,17 @@ class Trainer:
             stats = {**post.condition(self._blocks, self._start_mean, self._start_cov), **ft}
             self._labels_since_refine = 0
             self._redesign = False
+        elif refine:
+            # stopping (SIGTERM, --max-seconds): no time for a refinement (minutes on a CPU,
+            # the supervisor waits seconds), so the readout posterior takes every label now and
+            # the restarted trainer refines at its first update (it redesigns from the prior)
+            if self._redesign or self._blocks is None:
+                self._blocks = post.design(self.store.labelled_frames())
+                self._redesign = False
+            else:
+                self._blocks = post.add_blocks(self._blocks, post.design(new))
+            stats = {**post.condition(self._blocks, self._start_mean, self._start_cov),
+                     "refinement_deferred": True}
         elif post.kind == "lastlayer":
             self._blocks = post.add_blocks(self._blocks, post.design(new))
             stats = post.condition(self._blocks, self._start_mean, self._start_cov)
@@ -296,15 +311,20 @@ class Trainer:
         hold = self.holdout_errors()
         self._event("publish", model_version=post.model_version, labels=self.labels_done(),
                     seconds=time.time() - t0, gradient_steps=stats.get("gradient_steps", 0),
-                    calibration=post.calibration.to_dict(), **hold)
+                    calibration=post.calibration.to_dict(), **hold,
+                    **{k: stats[k] for k in ("stopped_early", "refinement_deferred") if stats.get(k)})
         return True
 
-    def _keep_labelling(self) -> None:
+    def _keep_labelling(self) -> bool:
         """Between two refinement steps: store the frames the drivers sent and give free
         reference workers new frames; finished labels wait for the refined model (their
-        pre-update residuals need a model that is not half-way through an update)."""
+        pre-update residuals need a model that is not half-way through an update). True
+        (end the refinement here) once the trainer is asked to stop."""
+        if self._stop or (self._t_end is not None and time.time() >= self._t_end):
+            return True
         self.receive(timeout_ms=0, max_seconds=0.005)
         self.select_and_submit(running_only=True)
+        return False
 
     def _refines(self) -> bool:
         return self.cfg.backbone_steps > 0 and self.posterior.kind == "lastlayer"
@@ -323,7 +343,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ main loop
     def run(self, max_seconds: float | None = None) -> int:
-        t_end = None if max_seconds is None else time.time() + max_seconds
+        t_end = self._t_end = None if max_seconds is None else time.time() + max_seconds
         self._event("holdout", model_version=self.posterior.model_version, **self.holdout_errors())
 
         def _stop(signum, frame):  # noqa: ARG001
@@ -350,7 +370,9 @@ class Trainer:
     def _wind_down(self, seconds: float = STOP_DRAIN_SECONDS) -> None:
         """On SIGTERM or --max-seconds: store the frames still queued in zmq (a driver's last
         ones, labelled ones in guarantee mode), record the labels already finished and
-        publish them, so a clean stop loses nothing; at most ``seconds`` of receiving."""
+        publish them, so a clean stop loses nothing; at most ``seconds`` of receiving. A
+        refinement that falls due now waits for the next start (see :meth:`maybe_update`)."""
+        self._stop = True
         t_end = time.monotonic() + seconds
         while time.monotonic() < t_end and self.receive(
                 timeout_ms=0, max_seconds=max(0.0, t_end - time.monotonic())):
