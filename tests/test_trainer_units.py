@@ -329,6 +329,7 @@ def test_trainer_keeps_reference_workers_busy_during_a_refinement(tmp_path):
     t.cfg = SimpleNamespace(max_labels=None, selection=SelectionPolicy(max_in_flight=1))
     t.store, t.dedup, t.rate_cap = FrameStore(tmp_path / "frames.db"), Deduplicator(0.0), RateCap(0)
     t.sock = _pull(endpoint)
+    t._stop, t._t_end = False, None                 # not stopping: the refinement goes on
     done = Future()
     done.set_result((-1.0, np.zeros((3, 3))))
     t._in_flight = {999: (done, _water())}          # finished, not yet collected
@@ -342,11 +343,13 @@ def test_trainer_keeps_reference_workers_busy_during_a_refinement(tmp_path):
         time.sleep(0.3)
         t.select_and_submit()                     # outside a refinement: the slot is taken
         assert sent == []
-        t._keep_labelling()                       # inside: stored, and the worker gets it
+        assert t._keep_labelling() is False       # inside: stored, and the worker gets it
         assert [r.frame_id for r in t.store.rows(state="labelling")] == ["new"]
         assert len(sent) == 1 and 999 in t._in_flight and len(t._in_flight) == 2
         t._keep_labelling()                       # one worker, busy: nothing more
         assert len(sent) == 1
+        t._stop = True                            # SIGTERM: end the refinement here
+        assert t._keep_labelling() is True
     finally:
         push.close()
         t.sock.close()
