@@ -274,20 +274,18 @@ class Trainer:
             stats = {**post.condition(self._blocks, self._start_mean, self._start_cov), **ft}
             self._labels_since_refine = 0
             self._redesign = False
-        elif refine:
-            # stopping (SIGTERM, --max-seconds): no time for a refinement (minutes on a CPU,
-            # the supervisor waits seconds), so the readout posterior takes every label now and
-            # the restarted trainer refines at its first update (it redesigns from the prior)
-            if self._redesign or self._blocks is None:
+        elif post.kind == "lastlayer":
+            # readout-only; also when a refinement is due but the trainer is stopping (SIGTERM,
+            # --max-seconds): a refinement takes minutes on a CPU and the supervisor waits
+            # seconds, so the readout posterior takes every label now and the restarted
+            # trainer refines at its first update
+            if self._redesign:                       # restarted after a refinement
                 self._blocks = post.design(self.store.labelled_frames())
                 self._redesign = False
             else:
                 self._blocks = post.add_blocks(self._blocks, post.design(new))
             stats = {**post.condition(self._blocks, self._start_mean, self._start_cov),
-                     "refinement_deferred": True}
-        elif post.kind == "lastlayer":
-            self._blocks = post.add_blocks(self._blocks, post.design(new))
-            stats = post.condition(self._blocks, self._start_mean, self._start_cov)
+                     "refinement_deferred": refine}
         else:
             frames = self.store.labelled_frames()
             stats = post.sample(frames, newest=len(new), cycles=self.cfg.sghmc_cycles)
@@ -343,7 +341,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ main loop
     def run(self, max_seconds: float | None = None) -> int:
-        t_end = self._t_end = None if max_seconds is None else time.time() + max_seconds
+        self._t_end = None if max_seconds is None else time.time() + max_seconds
         self._event("holdout", model_version=self.posterior.model_version, **self.holdout_errors())
 
         def _stop(signum, frame):  # noqa: ARG001
@@ -351,7 +349,7 @@ class Trainer:
 
         old = signal.signal(signal.SIGTERM, _stop)
         try:
-            while not self._stop and (t_end is None or time.time() < t_end):
+            while not self._stop and (self._t_end is None or time.time() < self._t_end):
                 self.receive()
                 self.select_and_submit()
                 self.collect()
