@@ -249,6 +249,7 @@ update_every = 1
 backbone_steps = {args.backbone_steps}
 backbone_every = {args.backbone_every}
 {replay}min_step_gap = {args.min_step_gap}
+duplicate_distance = {args.duplicate_distance}
 calibration_memory = {args.calibration_memory}
 align_energies = {"true" if args.align else "false"}
 holdout_file = "{TS}"
@@ -416,6 +417,9 @@ def main() -> int:
     ap.add_argument("--min-step-gap", type=int, default=0,
                     help="trainer rate cap ([learning] min_step_gap): at most one flagged frame "
                          "labelled per this many MD steps (0: none; b flags nothing)")
+    ap.add_argument("--duplicate-distance", type=float, default=0.02,
+                    help="trainer near-duplicate test ([learning] duplicate_distance, A RMS of "
+                         "sorted pair distances; default 0.02, the trainer's default)")
     ap.add_argument("--calibration-memory", type=int, default=0,
                     help="forgetting Student-t calibration ([learning] calibration_memory): about "
                          "the last this-many labels set the scale (0: all, the paper's update)")
@@ -455,6 +459,8 @@ def main() -> int:
                           "readout posterior conditioned on each label (closed form)")
           + (f"; rate cap: at most one flagged frame labelled per {args.min_step_gap} MD steps "
              "([learning] min_step_gap)" if args.min_step_gap else "")
+          + (f"; near-duplicates within {args.duplicate_distance:g} A dropped ([learning] "
+             "duplicate_distance)" if args.duplicate_distance != 0.02 else "")
           + ("; energies aligned at the first label ([learning] align_energies)"
              if args.align else "")
           + (f"; calibration remembers about the last {args.calibration_memory} labels "

@@ -312,6 +312,21 @@ def test_rate_cap_reaches_the_trainer_and_its_parser(tmp_path, ethanol_xyz):
           "[learning] min_step_gap", "zero or more", check_code=False)
 
 
+def test_duplicate_distance_reaches_the_trainer_in_angstrom(tmp_path, ethanol_xyz):
+    from rarefly.trainer.selection import SelectionPolicy
+
+    run, cmd, args = _trainer_command(tmp_path, ethanol_xyz, 'duplicate_distance = "0.1 Bohr"')
+    assert args.duplicate_distance == pytest.approx(0.1 * 0.529177, rel=1e-5)
+    run, cmd, args = _trainer_command(tmp_path, ethanol_xyz, "duplicate_distance = 0.05")
+    assert args.duplicate_distance == 0.05
+    run.cfg.learning.duplicate_distance = SelectionPolicy.dedup_tol
+    assert "--duplicate-distance" not in run.trainer_command()
+    fails(write(tmp_path, "[learning]\nduplicate_distance = -0.1\n", structure=ethanol_xyz),
+          "[learning] duplicate_distance", "zero or more", check_code=False)
+    fails(write(tmp_path, '[learning]\nduplicate_distance = "0.1 eV"\n', structure=ethanol_xyz),
+          "[learning] duplicate_distance", "eV", check_code=False)
+
+
 def test_calibration_memory_reaches_the_trainer_and_its_config(tmp_path, ethanol_xyz):
     from rarefly.trainer.loop import TrainerConfig
 

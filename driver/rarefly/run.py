@@ -434,6 +434,8 @@ class OnTheFlyRun:
 
     # -------------------------------------------------------------- commands
     def trainer_command(self) -> list[str]:
+        from rarefly.trainer.selection import SelectionPolicy
+
         cfg, f = self.cfg, self.files
         cmd = [sys.executable, "-m", "rarefly.cli", "trainer", "--model", str(f.model),
                "--db", str(f.database), "--endpoint", self.learn_endpoint,
@@ -447,6 +449,8 @@ class OnTheFlyRun:
                 cmd += ["--backbone-replay", str(cfg.learning.backbone_replay)]
         if cfg.learning.min_step_gap:
             cmd += ["--min-step-gap", str(cfg.learning.min_step_gap)]
+        if cfg.learning.duplicate_distance != SelectionPolicy.dedup_tol:
+            cmd += ["--duplicate-distance", repr(cfg.learning.duplicate_distance)]
         if cfg.learning.calibration_memory:
             cmd += ["--calibration-memory", str(cfg.learning.calibration_memory)]
         for k, v in cfg.reference.options.items():

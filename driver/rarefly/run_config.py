@@ -133,6 +133,11 @@ class LearningConfig:
     backbone_replay: Path | None = None
     """extxyz or ASE db of the frames the starting model was fitted on: half of every
     refinement batch, so that new labels do not undo the old fit (default: none)."""
+    duplicate_distance: float = 0.02
+    """Near-duplicate test: a queued frame is not labelled when its sorted interatomic distances
+    differ from those of a frame already chosen by less than this, RMS; length units A, Bohr,
+    nm (default 0.02 A). At 300 K MD frames 10 fs apart differ by ~0.05 A and uncorrelated
+    frames of one basin by ~0.1 A, so 0.05 A drops the frames of one vibration."""
     min_step_gap: int = 0
     """Rate cap: the trainer labels at most one flagged frame per this many MD steps of a
     walker, the most uncertain one queued (default 0: no cap; audit frames are not capped)."""
@@ -423,6 +428,7 @@ _CONVERT = {
     ("learning", "backbone_steps"): _positive(lambda v, w, b: _int(v, w), strict=False),
     ("learning", "backbone_every"): _positive(lambda v, w, b: _int(v, w)),
     ("learning", "backbone_replay"): _path,
+    ("learning", "duplicate_distance"): _positive(_q(LENGTH_UNITS, "A"), strict=False),
     ("learning", "min_step_gap"): _positive(lambda v, w, b: _int(v, w), strict=False),
     ("learning", "calibration_memory"): _positive(lambda v, w, b: _int(v, w), strict=False),
     ("learning", "holdout_file"): _path,

@@ -21,6 +21,7 @@ example:
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
     from rarefly.driver_cli import whole_number
+    from rarefly.trainer.selection import SelectionPolicy
 
     p.epilog = EPILOG
     p.add_argument("--model", required=True, help="model file: read at start, new versions written here")
@@ -50,6 +51,12 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="frames the starting model was fitted on (extxyz or ASE db): half of every "
                         "refinement batch, so that new labels do not undo the old fit")
     p.add_argument("--backbone-lr", type=float, default=1e-3, help="Adam learning rate of the refinement")
+    p.add_argument("--duplicate-distance", type=_distance, default=SelectionPolicy.dedup_tol,
+                   metavar="ANGSTROM",
+                   help="near-duplicate test: a queued frame whose sorted interatomic distances "
+                        "differ from a chosen frame's by less than this RMS is not labelled "
+                        f"(default {SelectionPolicy.dedup_tol} A; 300 K MD frames 10 fs apart "
+                        "differ by ~0.05 A)")
     p.add_argument("--min-step-gap", type=whole_number(0, "a number of MD steps (0 or more)"),
                    default=0, metavar="STEPS",
                    help="rate cap: label at most one flagged frame per STEPS MD steps of a walker, "
@@ -65,6 +72,16 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--holdout", help="extxyz of held-out reference frames: errors logged per version")
     p.add_argument("--max-seconds", type=float, help="stop after this wall time")
     p.add_argument("--no-align", action="store_true", help="do not align reference energies at the first label")
+
+
+def _distance(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        x = float("nan")
+    if not 0.0 <= x < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a distance in Angstrom (0 or more)")
+    return x
 
 
 def _options(items):
@@ -102,7 +119,8 @@ def run(args) -> int:
                             backbone_steps=args.backbone_steps, backbone_every=args.backbone_every,
                             backbone_lr=args.backbone_lr, backbone_replay=args.backbone_replay,
                             calibration_memory=args.calibration_memory,
-                            selection=SelectionPolicy(min_step_gap=args.min_step_gap))
+                            selection=SelectionPolicy(dedup_tol=args.duplicate_distance,
+                                                      min_step_gap=args.min_step_gap))
         trainer = Trainer(cfg)
     except (ReferenceError, LabellingError, ValueError, FileNotFoundError) as exc:
         print(f"rarefly trainer: {exc}", file=sys.stderr)
