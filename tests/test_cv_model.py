@@ -280,3 +280,43 @@ def test_rarefly_driver_cv_path_integrals_evaluate_the_centroid_once_per_step(tm
     # step 0: all beads start at init.xyz, so the centroid is a bead the driver just evaluated
     assert last["requests"] >= steps - 1 and last["hits"] <= 1
     assert last["evaluations"] + last["hits"] == last["requests"]  # one call per new centroid
+
+
+@pytest.mark.parametrize("calibration", ["start", "current"])
+def test_a_hot_swap_with_a_wider_calibration_does_not_rescale_the_cv(calibration, real_model):
+    """The trainer widens the Student-t scale with every label. With ``calibration="start"``
+    (the default) the CV keeps the scale of the first model served: a new version whose
+    variance factor is 4x serves the same sigma_E and gradient for the same positions while
+    its own calibrated sigma_E doubles; ``"current"`` follows the new model."""
+    import copy
+
+    from ase.build import molecule
+
+    from rarefly.posterior import load_posterior
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        old = load_posterior(str(real_model))
+        new = load_posterior(str(real_model))
+    new.calibration = copy.deepcopy(old.calibration)
+    cal = new.calibration.energy
+    cal.b = 4.0 * cal.b                       # variance factor b / (a - 1): 4x
+    new.model_version = old.model_version + 1
+    ref = Structure.from_atoms(molecule("CH3CH2OH"))
+    p_old, p_new = old.predict([ref])[0], new.predict([ref])[0]
+    assert p_new.energy_sigma == pytest.approx(2.0 * p_old.energy_sigma, rel=1e-9)
+    with cs.CVService(old, unique_endpoint(), template=ref, calibration=calibration) as svc:
+        client = rcv.CVClient(svc.endpoint, timeout_s=20)
+        try:
+            before = client.sigma(ref.positions)
+            svc.set_predictor(new)
+            after = client.sigma(ref.positions)
+        finally:
+            client.close()
+    assert (before.model_version, after.model_version) == (old.model_version, new.model_version)
+    assert before.sigma == pytest.approx(p_old.energy_sigma, rel=1e-9)
+    np.testing.assert_allclose(before.gradient, p_old.energy_sigma_gradient, rtol=1e-9, atol=1e-14)
+    want = p_old if calibration == "start" else p_new
+    assert after.sigma == pytest.approx(want.energy_sigma, rel=1e-9)
+    np.testing.assert_allclose(after.gradient, want.energy_sigma_gradient, rtol=1e-8, atol=1e-14)
+

@@ -338,3 +338,20 @@ def test_calibration_memory_reaches_the_trainer_and_its_config(tmp_path, ethanol
     assert "--calibration-memory" not in run.trainer_command()
     fails(write(tmp_path, "[learning]\ncalibration_memory = -1\n", structure=ethanol_xyz),
           "[learning] calibration_memory", "zero or more", check_code=False)
+
+
+def test_cv_calibration_reaches_the_driver_and_is_validated(tmp_path, ethanol_xyz):
+    from pathlib import Path
+
+    from rarefly.run import OnTheFlyRun
+
+    plumed = Path(__file__).parents[1] / "plumed_inputs" / "metad.dat"
+    for line, want in (("", "start"), ('cv_calibration = "current"', "current")):
+        cfg = load_config(write(tmp_path, f'[bias]\nplumed_file = "{plumed}"\n{line}\n',
+                                structure=ethanol_xyz), check_code=False)
+        run = OnTheFlyRun(cfg)
+        run.init = ethanol_xyz
+        cmd = run.driver_command()
+        assert cmd[cmd.index("--cv-calibration") + 1] == want
+    fails(write(tmp_path, f'[bias]\nplumed_file = "{plumed}"\ncv_calibration = "frozen"\n',
+                structure=ethanol_xyz), "[bias] cv_calibration", "frozen", check_code=False)

@@ -89,6 +89,10 @@ class ProtocolError(ValueError):
     """A message that does not follow the wire format; the text is one sentence."""
 
 
+#: which Student-t calibration the CV's sigma_E carries (:meth:`CVService.cv_scale`)
+CV_CALIBRATIONS = ("start", "current")
+
+
 def default_endpoint(name: str = DEFAULT_NAME) -> str:
     """The endpoint of the CV service of the driver called ``name`` (its socket address)."""
     if not _NAME_RE.match(name):
@@ -153,10 +157,16 @@ def encode_error(message: str) -> list[bytes]:
     return [json.dumps({"ok": False, "error": message}).encode()]
 
 
-def encode_reply(prediction: Prediction, cached: bool, periodic: bool) -> list[bytes]:
-    grad = np.ascontiguousarray(prediction.energy_sigma_gradient, dtype="<f8")
+def encode_reply(prediction: Prediction, cached: bool, periodic: bool,
+                 scale: float = 1.0) -> list[bytes]:
+    """``scale`` multiplies sigma_E and its gradients (the CV's calibration, see
+    :meth:`CVService.cv_scale`)."""
+    grad = np.ascontiguousarray(scale * np.asarray(prediction.energy_sigma_gradient, dtype=float),
+                                dtype="<f8")
     cell_grad = prediction.energy_sigma_cell_gradient if periodic else None
-    header = {"ok": True, "sigma_E": float(prediction.energy_sigma),
+    if cell_grad is not None:
+        cell_grad = scale * np.asarray(cell_grad, dtype=float)
+    header = {"ok": True, "sigma_E": float(scale * prediction.energy_sigma),
               "model_version": int(prediction.model_version), "cached": bool(cached),
               "natoms": int(grad.shape[0]), "periodic": bool(periodic),
               "cell_gradient": cell_grad is not None}
@@ -327,8 +337,15 @@ class CVService:
     def __init__(self, predictor: Predictor, endpoint: str | None = None, *,
                  template: Structure | None = None, model_lock: threading.Lock | None = None,
                  cache_size: int = DEFAULT_CACHE_SIZE,
-                 first_structure_wait_s: float = DEFAULT_FIRST_STRUCTURE_WAIT_S):
+                 first_structure_wait_s: float = DEFAULT_FIRST_STRUCTURE_WAIT_S,
+                 calibration: str = "start"):
+        if calibration not in CV_CALIBRATIONS:
+            raise ValueError(f"CV calibration {calibration!r} is not one of "
+                             f"{', '.join(CV_CALIBRATIONS)}")
         self.predictor = predictor
+        self.calibration = calibration
+        #: the Student-t variance factor of the first model the CV was served from
+        self._start_factor: float | None = None
         self.endpoint = check_endpoint(endpoint or default_endpoint())
         self.model_lock = model_lock if model_lock is not None else threading.Lock()
         self.cache = PredictionCache(cache_size)
@@ -455,13 +472,37 @@ class CVService:
                         prediction = self._evaluate(structure)
             if cached:
                 self.stats["hits"] += 1
-            return encode_reply(prediction, cached, structure.cell is not None)
+            return encode_reply(prediction, cached, structure.cell is not None,
+                                self.cv_scale(prediction))
         except (ProtocolError, InputError) as err:
             self.stats["errors"] += 1
             return encode_error(str(err))
         except Exception as err:  # noqa: BLE001 - a request must never kill the service
             self.stats["errors"] += 1
             return encode_error(f"the model failed on this structure ({type(err).__name__}: {err})")
+
+    def cv_scale(self, prediction: Prediction) -> float:
+        """Factor from the prediction's calibrated sigma_E to the CV's.
+
+        ``calibration="start"`` (default): the CV keeps the Student-t calibration of the first
+        model it was served from, sigma_E_raw * sqrt(k_start), so that a new model version
+        whose calibration widened (the trainer updates it with every label) does not rescale
+        the CV under a running bias: a wall or METAD hills set in eV keep their meaning and a
+        hot swap moves the CV only as much as the model's raw uncertainty changed.
+        (bench_onthefly.out, fifteenth run: with the current calibration a hot swap doubled
+        sigma_E at one step, an upper wall's bias jumped from 0.18 to 6.9 eV and the molecule
+        blew up 30 steps later.) ``"current"``: the calibrated sigma_E of the model in use,
+        as in the extras. Predictions without ``energy_sigma_raw`` are served unscaled."""
+        if self.calibration == "current":
+            return 1.0
+        raw = (prediction.extra or {}).get("energy_sigma_raw")
+        sigma = float(prediction.energy_sigma)
+        if not raw or not sigma > 0.0 or not np.isfinite(sigma):
+            return 1.0
+        factor = (sigma / float(raw)) ** 2
+        if self._start_factor is None:
+            self._start_factor = factor
+        return float(np.sqrt(self._start_factor / factor))
 
     def _structure(self, positions: np.ndarray, cell: np.ndarray | None) -> Structure:
         template = self._wait_template()

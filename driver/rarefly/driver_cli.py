@@ -125,6 +125,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                     help="serve sigma_E and its gradient to PLUMED's PyCV (rarefly.cv) over zmq; "
                          "forces just computed are answered from a cache, so the model runs "
                          "once per configuration")
+    cv.add_argument("--cv-calibration", choices=["start", "current"], default="start",
+                    help="which Student-t calibration the CV's sigma_E carries: `start` (default) "
+                         "keeps that of the model the driver started with, so that new model "
+                         "versions from the trainer do not rescale the CV under a running bias "
+                         "(walls, METAD hills in eV keep their meaning); `current`: the model in "
+                         "use, as in the extras")
     cv.add_argument("--cv-endpoint", metavar="URL",
                     help="zmq endpoint of the CV service (default: ipc:///tmp/rarefly-cv-ADDRESS); "
                          "set RAREFLY_CV_ENDPOINT to the same in i-PI's environment")
@@ -420,13 +426,15 @@ def _compose(args, predictor, template, loader, logger):
 
         endpoint = args.cv_endpoint or default_endpoint(os.path.basename(args.address) or "driver")
         try:
-            service = CVService(inner, endpoint, template=Structure.from_atoms(template)).start()
+            service = CVService(inner, endpoint, template=Structure.from_atoms(template),
+                                calibration=args.cv_calibration).start()
         except OSError as exc:
             raise DriverError(str(exc)) from None
         closers.append(service.stop)
         outer = service.guarded()
         on_prediction = service.remember
-        logger.info("uncertainty CV served on %s", service.endpoint)
+        logger.info("uncertainty CV served on %s (calibration: %s)", service.endpoint,
+                    args.cv_calibration)
     provider = None
     if args.watch or args.learn:
         from rarefly.hotswap import ModelWatcher

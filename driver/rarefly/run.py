@@ -483,7 +483,8 @@ class OnTheFlyRun:
                 # make what the labels already recorded (earlier invocations) leave of it
                 cmd += ["--max-labels", str(max(0, budget - _labels_done(f)))]
         if cfg.has_bias:
-            cmd += ["--cv", "--cv-endpoint", self.cv_endpoint]
+            cmd += ["--cv", "--cv-endpoint", self.cv_endpoint,
+                    "--cv-calibration", self.cfg.bias.cv_calibration]
         return cmd
 
     def start(self) -> None:

@@ -103,6 +103,10 @@ class BiasConfig:
     (e.g. "metad.dat"). Absent: unbiased MD."""
     values: dict[str, str] = field(default_factory=dict)
     """Values of the input's __KEY__ placeholders other than __RAREFLY_PYCV__."""
+    cv_calibration: str = "start"
+    """Which Student-t calibration the CV sigma_E carries: "start" keeps that of the model the
+    run (or its restart) began with, so that the trainer's new versions do not rescale the CV
+    under the bias; "current" follows the model in use, like the extras (default start)."""
 
 
 @dataclass
@@ -418,6 +422,7 @@ _CONVERT = {
     ("model", "file"): _path,
     ("model", "kind"): _choice(KINDS),
     ("bias", "plumed_file"): lambda v, w, base: _plumed_path(v, w, base),
+    ("bias", "cv_calibration"): _choice(("start", "current")),
     ("bias", "values"): _table_of((str, int, float), "a string or a number"),
     ("learning", "epsilon"): _positive(_q(ENERGY_UNITS, "eV")),
     ("learning", "level"): _fraction(open_low=True),
