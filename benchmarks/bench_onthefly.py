@@ -251,6 +251,7 @@ backbone_every = {args.backbone_every}
 {replay}min_step_gap = {args.min_step_gap}
 duplicate_distance = {args.duplicate_distance}
 calibration_memory = {args.calibration_memory}
+recalibrate_after_refinement = {"true" if args.recalibrate else "false"}
 align_energies = {"true" if args.align else "false"}
 holdout_file = "{TS}"
 
@@ -423,6 +424,9 @@ def main() -> int:
     ap.add_argument("--calibration-memory", type=int, default=0,
                     help="forgetting Student-t calibration ([learning] calibration_memory): about "
                          "the last this-many labels set the scale (0: all, the paper's update)")
+    ap.add_argument("--recalibrate", action="store_true",
+                    help="restart the Student-t calibration after each backbone refinement "
+                         "([learning] recalibrate_after_refinement)")
     ap.add_argument("--model", type=Path, default=None,
                     help=f"starting model file (default {MODEL.relative_to(REPO)}, built when "
                          "missing; check_ala2_start_model.py writes a fine-tuned thermal one)")
@@ -464,7 +468,9 @@ def main() -> int:
           + ("; energies aligned at the first label ([learning] align_energies)"
              if args.align else "")
           + (f"; calibration remembers about the last {args.calibration_memory} labels "
-             "([learning] calibration_memory)" if args.calibration_memory else ""))
+             "([learning] calibration_memory)" if args.calibration_memory else "")
+          + ("; calibration restarted after each refinement ([learning] "
+             "recalibrate_after_refinement)" if args.recalibrate else ""))
     print(f"epsilon = {args.epsilon_kcal:g} kcal/mol = {eps * 1000:.1f} meV; starting model's "
           f"confidence: basin frames median {np.median(s['conf_basin']):.3f} "
           f"({np.mean(s['conf_basin'] < LEVEL):.0%} below {LEVEL}), TS frames median "

@@ -355,3 +355,12 @@ def test_cv_calibration_reaches_the_driver_and_is_validated(tmp_path, ethanol_xy
         assert cmd[cmd.index("--cv-calibration") + 1] == want
     fails(write(tmp_path, f'[bias]\nplumed_file = "{plumed}"\ncv_calibration = "frozen"\n',
                 structure=ethanol_xyz), "[bias] cv_calibration", "frozen", check_code=False)
+
+
+def test_recalibrate_after_refinement_reaches_the_trainer(tmp_path, ethanol_xyz):
+    run, cmd, args = _trainer_command(tmp_path, ethanol_xyz, "recalibrate_after_refinement = true")
+    assert "--recalibrate-after-refinement" in cmd and args.recalibrate_after_refinement
+    run.cfg.learning.recalibrate_after_refinement = False
+    assert "--recalibrate-after-refinement" not in run.trainer_command()
+    fails(write(tmp_path, '[learning]\nrecalibrate_after_refinement = "yes"\n', structure=ethanol_xyz),
+          "[learning] recalibrate_after_refinement", check_code=False)

@@ -370,6 +370,7 @@ def test_a_stopping_trainer_publishes_every_label_without_waiting_for_a_refineme
     labels now. Either way the published model holds every label (real xTB, real MACE)."""
     import torch
 
+    from rarefly.calibration import PRIOR_A, PRIOR_B
     from rarefly.posterior import load_posterior
     from rarefly.trainer.labelling import ExecutorSpec
     from rarefly.trainer.loop import Trainer, TrainerConfig
@@ -391,7 +392,7 @@ def test_a_stopping_trainer_publishes_every_label_without_waiting_for_a_refineme
     cfg = TrainerConfig(model=str(model), database=str(tmp_path / "frames.db"),
                         endpoint=f"ipc://{tmp_path}/learn", reference=ref,
                         executor=ExecutorSpec("threads"), align_energies=False,
-                        backbone_steps=1500, backbone_every=2)
+                        backbone_steps=1500, backbone_every=2, recalibrate_after_refinement=True)
 
     def weights(post):
         return {k: v.clone() for k, v in post.backbone.model.state_dict().items() if v.is_floating_point()}
@@ -406,6 +407,7 @@ def test_a_stopping_trainer_publishes_every_label_without_waiting_for_a_refineme
     took = time.time() - t0
     first = publishes()[-1]
     assert first["stopped_early"] and 0 < first["gradient_steps"] < 1500, first
+    assert first["calibration_restarted"], first
     assert took < 60, f"the trainer took {took:.0f} s to stop"
     refined = load_posterior(model)
     assert refined.model_version == start.model_version + 1
@@ -413,6 +415,10 @@ def test_a_stopping_trainer_publishes_every_label_without_waiting_for_a_refineme
     assert any(not torch.equal(v, weights(start)[k]) for k, v in moved.items())
     rows = list(FrameStore(tmp_path / "frames.db").rows(state="labelled"))
     assert [r.get("used_in_version") for r in rows] == [refined.model_version] * 3
+    # the refined model's calibration starts again from the prior (its residuals are to come)
+    assert start.calibration.energy.a > PRIOR_A
+    assert (refined.calibration.energy.a, refined.calibration.energy.b) == (PRIOR_A, PRIOR_B)
+    assert (refined.calibration.forces.a, refined.calibration.forces.b) == (PRIOR_A, PRIOR_B)
 
     add_labels(frames[3:], 3)
     tr = Trainer(cfg)                            # restarted: a refinement is due (redesign)
@@ -424,11 +430,13 @@ def test_a_stopping_trainer_publishes_every_label_without_waiting_for_a_refineme
         tr.close()
     last = publishes()[-1]
     assert last["refinement_deferred"] and last["gradient_steps"] == 0, last
+    assert "calibration_restarted" not in last                   # no refinement, no restart
     assert took < 30, f"winding down took {took:.0f} s"
     deferred = load_posterior(model)
     assert deferred.model_version == refined.model_version + 1
     assert all(torch.equal(v, moved[k]) for k, v in weights(deferred).items())  # no Adam step
     assert not torch.equal(deferred.mean, refined.mean)                         # the label learned
+    assert deferred.calibration.energy.a == PRIOR_A + 0.5        # its pre-update residual
     rows = list(FrameStore(tmp_path / "frames.db").rows(state="labelled"))
     assert len(rows) == 4 and all(r.get("used_in_version") is not None for r in rows)
     tr = Trainer(cfg)                            # and the next start refines first

@@ -116,6 +116,12 @@ class Calibration:
             self.energy.discount(keep)
             self.forces.discount(keep)
 
+    def restart(self) -> None:
+        """Back to the prior for both scales (the residual counts ``n`` stay as a record):
+        the evidence described a model that a backbone refinement has just replaced."""
+        for s in (self.energy, self.forces):
+            s.a, s.b = PRIOR_A, PRIOR_B
+
     @classmethod
     def from_dict(cls, d: dict) -> "Calibration":
         return cls(ScaleCalibration.from_dict(d["energy"]), ScaleCalibration.from_dict(d["forces"]))

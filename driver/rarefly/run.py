@@ -453,6 +453,8 @@ class OnTheFlyRun:
             cmd += ["--duplicate-distance", repr(cfg.learning.duplicate_distance)]
         if cfg.learning.calibration_memory:
             cmd += ["--calibration-memory", str(cfg.learning.calibration_memory)]
+        if cfg.learning.recalibrate_after_refinement:
+            cmd += ["--recalibrate-after-refinement"]
         for k, v in cfg.reference.options.items():
             cmd += ["--reference-option", f"{k}={v}"]
         for k, v in cfg.labelling.options.items():

@@ -149,6 +149,9 @@ class LearningConfig:
     """Forget old residuals: about the last this-many labels set the Student-t calibration
     (older evidence discounted by (1 - 1/N) per label; default 0: remember all, as the seed
     paper does, which keeps the scale wide after the first bad predictions are learned)."""
+    recalibrate_after_refinement: bool = False
+    """After each backbone refinement, restart the Student-t calibration from its prior: the
+    residuals so far are of the model the refinement replaced (default false: kept)."""
     align_energies: bool = True
     """Align the reference's energy zero to the model's at the first label (default true)."""
     holdout_file: Path | None = None

@@ -69,6 +69,11 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                         "calibration (older evidence discounted by (1 - 1/LABELS) per label; "
                         "default 0: remember all, as the seed paper). Lets the scale shrink once "
                         "the model has learned what its first, bad predictions missed")
+    p.add_argument("--recalibrate-after-refinement", action="store_true",
+                   help="restart the Student-t calibration from its prior after each backbone "
+                        "refinement: the residuals so far are of the model it replaced, and "
+                        "their scale would keep the refined model flagging frames it gets right "
+                        "(the next labels and audit frames measure it again)")
     p.add_argument("--holdout", help="extxyz of held-out reference frames: errors logged per version")
     p.add_argument("--max-seconds", type=float, help="stop after this wall time")
     p.add_argument("--no-align", action="store_true", help="do not align reference energies at the first label")
@@ -119,6 +124,7 @@ def run(args) -> int:
                             backbone_steps=args.backbone_steps, backbone_every=args.backbone_every,
                             backbone_lr=args.backbone_lr, backbone_replay=args.backbone_replay,
                             calibration_memory=args.calibration_memory,
+                            recalibrate_after_refinement=args.recalibrate_after_refinement,
                             selection=SelectionPolicy(dedup_tol=args.duplicate_distance,
                                                       min_step_gap=args.min_step_gap))
         trainer = Trainer(cfg)

@@ -60,6 +60,9 @@ class TrainerConfig:
     backbone_replay: str | None = None
     #: Student-t calibration: about the last N labels count (0: all, the seed paper's update)
     calibration_memory: int = 0
+    #: after a backbone refinement the Student-t calibration restarts from its prior: the
+    #: residuals so far are of the model the refinement replaced (default off: kept)
+    recalibrate_after_refinement: bool = False
     events: str | None = None                    # trainer.jsonl path (default: beside the db)
 
 
@@ -272,6 +275,9 @@ class Trainer:
                                       between_steps=self._keep_labelling)
             self._blocks = post.design(frames)       # the features changed: every label again
             stats = {**post.condition(self._blocks, self._start_mean, self._start_cov), **ft}
+            if self.cfg.recalibrate_after_refinement:
+                post.calibration.restart()
+                stats["calibration_restarted"] = True
             self._labels_since_refine = 0
             self._redesign = False
         elif post.kind == "lastlayer":
@@ -310,7 +316,8 @@ class Trainer:
         self._event("publish", model_version=post.model_version, labels=self.labels_done(),
                     seconds=time.time() - t0, gradient_steps=stats.get("gradient_steps", 0),
                     calibration=post.calibration.to_dict(), **hold,
-                    **{k: stats[k] for k in ("stopped_early", "refinement_deferred") if stats.get(k)})
+                    **{k: stats[k] for k in ("stopped_early", "refinement_deferred",
+                                               "calibration_restarted") if stats.get(k)})
         return True
 
     def _keep_labelling(self) -> bool:
