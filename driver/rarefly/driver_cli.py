@@ -125,7 +125,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                     help="serve sigma_E and its gradient to PLUMED's PyCV (rarefly.cv) over zmq; "
                          "forces just computed are answered from a cache, so the model runs "
                          "once per configuration")
-    cv.add_argument("--cv-calibration", choices=["start", "current"], default="start",
+    from rarefly.cv_service import CV_CALIBRATIONS
+
+    cv.add_argument("--cv-calibration", choices=CV_CALIBRATIONS, default=CV_CALIBRATIONS[0],
                     help="which Student-t calibration the CV's sigma_E carries: `start` (default) "
                          "keeps that of the model the driver started with, so that new model "
                          "versions from the trainer do not rescale the CV under a running bias "

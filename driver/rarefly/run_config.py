@@ -32,6 +32,7 @@ from typing import Any
 
 from ase import units as _ase_units
 
+from rarefly.cv_service import CV_CALIBRATIONS
 from rarefly.units import ENERGY_UNITS, energy_to_ev
 
 #: folder of the PLUMED inputs shipped with rarefly (a [bias] plumed_file may name one)
@@ -425,7 +426,7 @@ _CONVERT = {
     ("model", "file"): _path,
     ("model", "kind"): _choice(KINDS),
     ("bias", "plumed_file"): lambda v, w, base: _plumed_path(v, w, base),
-    ("bias", "cv_calibration"): _choice(("start", "current")),
+    ("bias", "cv_calibration"): _choice(CV_CALIBRATIONS),
     ("bias", "values"): _table_of((str, int, float), "a string or a number"),
     ("learning", "epsilon"): _positive(_q(ENERGY_UNITS, "eV")),
     ("learning", "level"): _fraction(open_low=True),
