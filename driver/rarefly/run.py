@@ -52,6 +52,10 @@ EXTRAS = ("energy_uncertainty", "confidence", "model_version", "flagged")
 MOLECULE_BOX = 20.0
 #: how often a trainer that left its loop early is started again
 MAX_TRAINER_RESTARTS = 2
+#: how long a stopping run waits for the trainer (SIGTERM: it records the labels that are done
+#: and publishes them; conditioning the readout takes about a second per label on a CPU) before
+#: SIGKILL; nothing is lost either way (the database holds every label, a restart learns them)
+TRAINER_STOP_SECONDS = 120.0
 #: MD steps on the reference between two generated held-out frames
 HOLDOUT_STRIDE = 40
 
@@ -578,7 +582,11 @@ class OnTheFlyRun:
             if trainer.poll() is None and not budget:
                 # to the trainer only: it shuts its Parsl interchange (same group) down itself
                 trainer.signal(signal.SIGTERM, group=False)
-            trainer.wait(30.0)
+            if not trainer.wait(5.0):
+                print(f"rarefly run: waiting up to {TRAINER_STOP_SECONDS:.0f} s for the trainer to "
+                      f"publish the labels it holds (see {trainer.log}); Ctrl-C again stops it "
+                      f"now, and `--restart` learns them then", file=sys.stderr, flush=True)
+                trainer.wait(TRAINER_STOP_SECONDS - 5.0)
             trainer.stop(signal.SIGKILL, grace=5.0)
 
     def remove_sockets(self) -> None:

@@ -33,6 +33,7 @@ from typing import Any
 from ase import units as _ase_units
 
 from rarefly.cv_service import CV_CALIBRATIONS
+from rarefly.trainer.selection import SelectionPolicy
 from rarefly.units import ENERGY_UNITS, energy_to_ev
 
 #: folder of the PLUMED inputs shipped with rarefly (a [bias] plumed_file may name one)
@@ -138,7 +139,7 @@ class LearningConfig:
     backbone_replay: Path | None = None
     """extxyz or ASE db of the frames the starting model was fitted on: half of every
     refinement batch, so that new labels do not undo the old fit (default: none)."""
-    duplicate_distance: float = 0.02
+    duplicate_distance: float = SelectionPolicy.dedup_tol
     """Near-duplicate test: a queued frame is not labelled when its sorted interatomic distances
     differ from those of a frame already chosen by less than this, RMS; length units A, Bohr,
     nm (default 0.02 A). At 300 K MD frames 10 fs apart differ by ~0.05 A and uncorrelated

@@ -266,13 +266,25 @@ class Trainer:
         new, self._new_frames = self._new_frames, []
         self._labels_since_refine += len(new)
         refine = self._refines() and (self._redesign or self._labels_since_refine >= self.cfg.backbone_every)
+        abandoned = None
         if refine and not self._stop:
             frames = self.store.labelled_frames()
             self._event("refine", labels=len(frames), steps=self.cfg.backbone_steps,
                         model_version=post.model_version)
+            before = {k: v.detach().clone() for k, v in post.backbone.model.state_dict().items()}
             ft = post.refine_backbone(frames, self.cfg.backbone_steps, lr=self.cfg.backbone_lr,
                                       anchor=self._anchor, replay=self._replay,
                                       between_steps=self._keep_labelling)
+            if ft["stopped_early"]:
+                # asked to stop mid-refinement: designing every label again on the new features
+                # costs about a second per label on a CPU (30 labels of alanine dipeptide: 30 s),
+                # more than the supervisor waits, and a stopped trainer was then killed before
+                # it published (bench_onthefly's seventeenth run). The weights go back to those
+                # the readout blocks hold, the readout takes the new labels below, and the
+                # restarted trainer refines at its first update.
+                post.backbone.model.load_state_dict(before)
+                abandoned = ft["gradient_steps"]
+        if refine and not self._stop and abandoned is None:
             self._blocks = post.design(frames)       # the features changed: every label again
             stats = {**post.condition(self._blocks, self._start_mean, self._start_cov), **ft}
             if self.cfg.recalibrate_after_refinement:
@@ -292,6 +304,8 @@ class Trainer:
                 self._blocks = post.add_blocks(self._blocks, post.design(new))
             stats = {**post.condition(self._blocks, self._start_mean, self._start_cov),
                      "refinement_deferred": refine}
+            if abandoned is not None:
+                stats["refinement_abandoned_after"] = abandoned
         else:
             frames = self.store.labelled_frames()
             stats = post.sample(frames, newest=len(new), cycles=self.cfg.sghmc_cycles)
@@ -317,7 +331,9 @@ class Trainer:
                     seconds=time.time() - t0, gradient_steps=stats.get("gradient_steps", 0),
                     calibration=post.calibration.to_dict(), **hold,
                     **{k: stats[k] for k in ("stopped_early", "refinement_deferred",
-                                               "calibration_restarted") if stats.get(k)})
+                                               "calibration_restarted") if stats.get(k)},
+                    **({"refinement_abandoned_after": stats["refinement_abandoned_after"]}
+                       if "refinement_abandoned_after" in stats else {}))
         return True
 
     def _keep_labelling(self) -> bool:
