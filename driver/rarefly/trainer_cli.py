@@ -73,7 +73,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="restart the Student-t calibration from its prior after each backbone "
                         "refinement: the residuals so far are of the model it replaced, and "
                         "their scale would keep the refined model flagging frames it gets right "
-                        "(the next labels and audit frames measure it again)")
+                        "(the next labels and audit frames measure it again; over-confident "
+                        "meanwhile where the refined model is still wrong: "
+                        "benchmarks/bench_onthefly.out, seventeenth run)")
     p.add_argument("--holdout", help="extxyz of held-out reference frames: errors logged per version")
     p.add_argument("--max-seconds", type=float, help="stop after this wall time")
     p.add_argument("--no-align", action="store_true", help="do not align reference energies at the first label")
