@@ -244,6 +244,21 @@ def test_lastlayer_design_jacobian_matches_autograd_jacobian():
     torch.testing.assert_close(J, ref, atol=1e-10, rtol=1e-8)
 
 
+def test_lastlayer_energy_only_design_is_the_energy_part_of_the_full_design():
+    """``design(forces=False)`` (forward passes only: the trainer's replay energies after a
+    refinement) gives the same energy blocks as the full design and no force blocks."""
+    post = LastLayerPosterior.from_foundation(Backbone(random_mace()), PosteriorSettings())
+    frames = _frames(5)
+    GE, hE, GF, hF, yy, counts = post.design(frames, chunk=2)
+    ge, he, gf, hf, yy_e, counts_e = post.design(frames, chunk=3, forces=False)
+    assert float(GE.abs().max()) > 0 and float(GF.abs().max()) > 0
+    torch.testing.assert_close(ge, GE, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(he, hE, atol=1e-12, rtol=1e-10)
+    assert float(gf.abs().max()) == 0 and float(hf.abs().max()) == 0
+    assert yy_e[0] == pytest.approx(yy[0], rel=1e-10) and yy_e[1] == 0
+    assert counts_e == [5, 0] and counts[0] == 5 and counts[1] > 0
+
+
 def test_backbone_refinement_replays_old_frames_in_every_batch(monkeypatch):
     import rarefly.graph
 

@@ -306,6 +306,9 @@ def test_backbone_refinement_learns_all_weights_and_restarts_from_the_first_prio
     assert any(k.startswith("interactions.0.") for k in moved)        # not only the readout
     torch.testing.assert_close(refined.base_posterior[0], start.mean)  # the first prior, kept
     assert force_rmse(refined) < 0.8 * force_rmse(start)
+    # the readout is conditioned again on the 3 labels and on the 4 replay frames' energies
+    assert refined.provenance["backbone_refined"]
+    assert tr._blocks[5][0] == 3 + 4 and tr._blocks[5][1] == 3 * 3 * len(frames[0].numbers)
 
     st = FrameStore(tmp_path / "frames.db")
     rid = st.add(frames[3], frame_id="f3", origin="flagged")
@@ -317,6 +320,7 @@ def test_backbone_refinement_learns_all_weights_and_restarts_from_the_first_prio
         assert tr._redesign and len(tr._new_frames) == 1
         assert tr.maybe_update()
         assert len(tr.store.labelled_frames()) == 4
+        assert tr._blocks[5][0] == 4 + 4                   # the restart's design: the same rule
     finally:
         tr.close()
     assert load_posterior(model).model_version == refined.model_version + 1

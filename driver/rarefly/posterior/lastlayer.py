@@ -121,8 +121,11 @@ class LastLayerPosterior(Posterior):
         return v[:, None].expand(-1, 3)
 
     # ------------------------------------------------------------------ fitting
-    def design(self, frames: Sequence[LabelledFrame], chunk: int = 8, progress: bool = False):
-        """Normal-equation blocks for energies and forces (offsets applied to references)."""
+    def design(self, frames: Sequence[LabelledFrame], chunk: int = 8, progress: bool = False,
+               forces: bool = True):
+        """Normal-equation blocks for energies and forces (offsets applied to references).
+        ``forces=False``: energies only, one forward pass per chunk and no backward pass
+        (175 alanine-dipeptide frames: 2.4 s on a CPU, against ~1 s per frame with forces)."""
         D = self.mean.numel()
         dt, dev = self.dtype, self.device
         GE = torch.zeros(D, D, dtype=dt, device=dev)
@@ -138,27 +141,29 @@ class LastLayerPosterior(Posterior):
 
             data = build_graph([f.structure for f in sub], self.r_max, self.atomic_numbers, dt, dev)
             G = len(sub)
-            pos = data["positions"].detach().clone().requires_grad_(True)
-            out = self.backbone(data, pos, None)
+            pos = data["positions"].detach().clone().requires_grad_(forces)
+            with torch.set_grad_enabled(forces):
+                out = self.backbone(data, pos, None)
             Phi = _graph_sum(out["phi"], data["batch"], G)
             fixed = _graph_sum(out["fixed"], data["batch"], G)
-            Q = torch.cat([fixed[:, None], Phi], dim=-1)          # (G, 1+D)
-            J = self._jacobian(Q, pos)
-            dfixed, dPhi = J[0], J[1:]                            # (n,3), (D,n,3)
             ref_e = torch.tensor([self.offset_energy(f.structure.numbers, f.energy) for f in sub],
                                  dtype=dt, device=dev)
             yE = ref_e - fixed.detach()
-            Phi = Phi.detach()
-            GE += Phi.T @ Phi
-            hE += Phi.T @ yE
+            GE += Phi.detach().T @ Phi.detach()
+            hE += Phi.detach().T @ yE
+            yy[0] += float(yE @ yE)
+            counts[0] += G
+            if not forces:
+                continue
+            Q = torch.cat([fixed[:, None], Phi], dim=-1)          # (G, 1+D)
+            J = self._jacobian(Q, pos)
+            dfixed, dPhi = J[0], J[1:]                            # (n,3), (D,n,3)
             ref_f = torch.as_tensor(np.concatenate([f.forces for f in sub]), dtype=dt, device=dev)
             yF = (ref_f + dfixed).reshape(-1)                     # = -dPhi . theta
             A = -dPhi.reshape(D, -1).T                            # (3n, D)
             GF += A.T @ A
             hF += A.T @ yF
-            yy[0] += float(yE @ yE)
             yy[1] += float(yF @ yF)
-            counts[0] += G
             counts[1] += yF.numel()
         return GE, hE, GF, hF, yy, counts
 
