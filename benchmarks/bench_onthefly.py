@@ -252,6 +252,7 @@ backbone_every = {args.backbone_every}
 duplicate_distance = {args.duplicate_distance}
 calibration_memory = {args.calibration_memory}
 recalibrate_after_refinement = {"true" if args.recalibrate else "false"}
+replay_energies = {"true" if args.replay_energies else "false"}
 align_energies = {"true" if args.align else "false"}
 holdout_file = "{TS}"
 
@@ -427,6 +428,9 @@ def main() -> int:
     ap.add_argument("--recalibrate", action="store_true",
                     help="restart the Student-t calibration after each backbone refinement "
                          "([learning] recalibrate_after_refinement)")
+    ap.add_argument("--replay-energies", action="store_true",
+                    help="after a refinement the readout also takes the replay frames' energies "
+                         "([learning] replay_energies)")
     ap.add_argument("--model", type=Path, default=None,
                     help=f"starting model file (default {MODEL.relative_to(REPO)}, built when "
                          "missing; check_ala2_start_model.py writes a fine-tuned thermal one)")
@@ -470,7 +474,9 @@ def main() -> int:
           + (f"; calibration remembers about the last {args.calibration_memory} labels "
              "([learning] calibration_memory)" if args.calibration_memory else "")
           + ("; calibration restarted after each refinement ([learning] "
-             "recalibrate_after_refinement)" if args.recalibrate else ""))
+             "recalibrate_after_refinement)" if args.recalibrate else "")
+          + ("; the readout also takes the replay energies after a refinement ([learning] "
+             "replay_energies)" if args.replay_energies else ""))
     print(f"epsilon = {args.epsilon_kcal:g} kcal/mol = {eps * 1000:.1f} meV; starting model's "
           f"confidence: basin frames median {np.median(s['conf_basin']):.3f} "
           f"({np.mean(s['conf_basin'] < LEVEL):.0%} below {LEVEL}), TS frames median "

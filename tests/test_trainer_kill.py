@@ -287,7 +287,8 @@ def test_backbone_refinement_learns_all_weights_and_restarts_from_the_first_prio
         return TrainerConfig(model=str(model), database=str(tmp_path / "frames.db"),
                              endpoint=f"ipc://{tmp_path}/learn", reference=ref,
                              executor=ExecutorSpec("threads"), align_energies=False,
-                             backbone_steps=40, backbone_every=2, backbone_replay=str(replay))
+                             backbone_steps=40, backbone_every=2, backbone_replay=str(replay),
+                             replay_energies=True)
 
     def force_rmse(post):
         preds = post.predict(frames[:3])

@@ -459,6 +459,8 @@ class OnTheFlyRun:
             cmd += ["--calibration-memory", str(cfg.learning.calibration_memory)]
         if cfg.learning.recalibrate_after_refinement:
             cmd += ["--recalibrate-after-refinement"]
+        if cfg.learning.replay_energies:
+            cmd += ["--replay-energies"]
         for k, v in cfg.reference.options.items():
             cmd += ["--reference-option", f"{k}={v}"]
         for k, v in cfg.labelling.options.items():

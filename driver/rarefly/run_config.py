@@ -156,6 +156,11 @@ class LearningConfig:
     residuals so far are of the model the refinement replaced (default false: kept). Measured
     in bench_onthefly's seventeenth run: right where the refinement fixed the errors, over-
     confident where it did not, until the next labels rescale it."""
+    replay_energies: bool = False
+    """After each backbone refinement, condition the readout on the energies of the
+    ``backbone_replay`` frames as well as on the labels (default false: the labels only). Keeps
+    the energies of the fit's region from shifting with the new labels' errors; measured in
+    bench_onthefly's twentieth run: held-out TS energies better, the run's own frames worse."""
     align_energies: bool = True
     """Align the reference's energy zero to the model's at the first label (default true)."""
     holdout_file: Path | None = None

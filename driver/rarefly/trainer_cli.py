@@ -76,6 +76,11 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                         "(the next labels and audit frames measure it again; over-confident "
                         "meanwhile where the refined model is still wrong: "
                         "benchmarks/bench_onthefly.out, seventeenth run)")
+    p.add_argument("--replay-energies", action="store_true",
+                   help="after a backbone refinement condition the readout on the replay frames' "
+                        "energies too, not only on the labels: keeps energies of the fit's "
+                        "region from shifting with the new labels' errors, at some cost to the "
+                        "frames the run samples (benchmarks/bench_onthefly.out, twentieth run)")
     p.add_argument("--holdout", help="extxyz of held-out reference frames: errors logged per version")
     p.add_argument("--max-seconds", type=float, help="stop after this wall time")
     p.add_argument("--no-align", action="store_true", help="do not align reference energies at the first label")
@@ -127,6 +132,7 @@ def run(args) -> int:
                             backbone_lr=args.backbone_lr, backbone_replay=args.backbone_replay,
                             calibration_memory=args.calibration_memory,
                             recalibrate_after_refinement=args.recalibrate_after_refinement,
+                            replay_energies=args.replay_energies,
                             selection=SelectionPolicy(dedup_tol=args.duplicate_distance,
                                                       min_step_gap=args.min_step_gap))
         trainer = Trainer(cfg)
