@@ -335,9 +335,8 @@ class Trainer:
                     seconds=time.time() - t0, gradient_steps=stats.get("gradient_steps", 0),
                     calibration=post.calibration.to_dict(), **hold,
                     **{k: stats[k] for k in ("stopped_early", "refinement_deferred",
-                                               "calibration_restarted") if stats.get(k)},
-                    **({"refinement_abandoned_after": stats["refinement_abandoned_after"]}
-                       if "refinement_abandoned_after" in stats else {}))
+                                               "calibration_restarted", "refinement_abandoned_after")
+                       if stats.get(k) not in (None, False)})
         return True
 
     def _design_all(self, frames) -> tuple:
