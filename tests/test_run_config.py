@@ -357,19 +357,14 @@ def test_cv_calibration_reaches_the_driver_and_is_validated(tmp_path, ethanol_xy
                 structure=ethanol_xyz), "[bias] cv_calibration", "frozen", check_code=False)
 
 
-def test_replay_energies_reaches_the_trainer(tmp_path, ethanol_xyz):
-    run, cmd, args = _trainer_command(tmp_path, ethanol_xyz, "replay_energies = true")
-    assert "--replay-energies" in cmd and args.replay_energies
-    run.cfg.learning.replay_energies = False
-    assert "--replay-energies" not in run.trainer_command()
-    fails(write(tmp_path, '[learning]\nreplay_energies = 1\n', structure=ethanol_xyz),
-          "[learning] replay_energies", check_code=False)
-
-
-def test_recalibrate_after_refinement_reaches_the_trainer(tmp_path, ethanol_xyz):
-    run, cmd, args = _trainer_command(tmp_path, ethanol_xyz, "recalibrate_after_refinement = true")
-    assert "--recalibrate-after-refinement" in cmd and args.recalibrate_after_refinement
-    run.cfg.learning.recalibrate_after_refinement = False
-    assert "--recalibrate-after-refinement" not in run.trainer_command()
-    fails(write(tmp_path, '[learning]\nrecalibrate_after_refinement = "yes"\n', structure=ethanol_xyz),
-          "[learning] recalibrate_after_refinement", check_code=False)
+@pytest.mark.parametrize("key, flag, bad", [
+    ("replay_energies", "--replay-energies", "1"),
+    ("recalibrate_after_refinement", "--recalibrate-after-refinement", '"yes"'),
+])
+def test_learning_switches_reach_the_trainer(tmp_path, ethanol_xyz, key, flag, bad):
+    run, cmd, args = _trainer_command(tmp_path, ethanol_xyz, f"{key} = true")
+    assert flag in cmd and getattr(args, key)
+    setattr(run.cfg.learning, key, False)
+    assert flag not in run.trainer_command()
+    fails(write(tmp_path, f"[learning]\n{key} = {bad}\n", structure=ethanol_xyz),
+          f"[learning] {key}", check_code=False)
