@@ -469,3 +469,62 @@ def test_a_stopping_trainer_publishes_every_label_without_waiting_for_a_refineme
         assert tr._redesign
     finally:
         tr.close()
+
+
+def test_a_label_finished_during_a_refinement_is_stored_at_once_and_learned_after(tmp_path, model_file):
+    """A refinement takes minutes; a reference result that finishes meanwhile is in the
+    database before the refinement ends (a SIGKILL then loses it not), is not marked as used
+    by the refined version, and is learned, with the refined model's residual, at the next
+    update (a restart in between relearns it, as it finds no version on it; see
+    test_restart_relearns_exactly_the_labels_the_model_file_lacks) (real xTB, real MACE)."""
+    from concurrent.futures import Future
+
+    from rarefly.posterior import load_posterior
+    from rarefly.trainer.labelling import ExecutorSpec
+    from rarefly.trainer.loop import Trainer, TrainerConfig
+    from rarefly.trainer.reference import ReferenceSpec, label
+    from rarefly.trainer.store import FrameStore
+
+    model = tmp_path / "model.rfly"
+    model.write_bytes(Path(model_file).read_bytes())
+    ref = ReferenceSpec("xtb")
+    frames = _frames(3)
+    st = FrameStore(tmp_path / "frames.db")
+    for k, s in enumerate(frames[:2]):
+        st.add_label(st.add(s, frame_id=f"f{k}", origin="flagged"),
+                     *label(ref, s.numbers, s.positions), ref.describe())
+    late = st.add(frames[2], frame_id="f2", origin="flagged")
+    del st
+    cfg = TrainerConfig(model=str(model), database=str(tmp_path / "frames.db"),
+                        endpoint=f"ipc://{tmp_path}/learn", reference=ref,
+                        executor=ExecutorSpec("threads"), align_energies=False,
+                        backbone_steps=3, backbone_every=2)
+    result = label(ref, frames[2].numbers, frames[2].positions)
+    tr = Trainer(cfg)
+    try:
+        done = Future()                        # the reference finishes during the first step
+        tr.store.set_state(late, "labelling")
+        tr._in_flight[late] = (done, frames[2])
+        real = tr._keep_labelling
+
+        def between():
+            done.set_result(result) if not done.done() else None
+            return real()
+
+        tr._keep_labelling = between
+        assert tr.maybe_update()               # the refinement (3 steps) and its version
+        refined = tr.posterior.model_version
+        row = FrameStore(tmp_path / "frames.db").db.get(id=late)
+        assert row.state == "labelled" and row.get("used_in_version") is None
+        assert row.ref_energy == pytest.approx(result[0])
+        assert [r.get("used_in_version") for r in FrameStore(tmp_path / "frames.db").rows(
+            state="labelled") if r.id != late] == [refined] * 2
+        events = [e for e in _events(tmp_path / "frames.jsonl") if e["event"] == "label"]
+        assert all(e["row"] != late for e in events)       # no residual of a half-updated model
+        assert tr.maybe_update()               # learned now, by the refined model's residual
+        label_event = [e for e in _events(tmp_path / "frames.jsonl") if e["event"] == "label"][-1]
+        assert label_event["row"] == late and label_event["model_version"] == refined
+        assert FrameStore(tmp_path / "frames.db").db.get(id=late).get("used_in_version") == refined + 1
+    finally:
+        tr.close()
+    assert load_posterior(model).model_version == refined + 1

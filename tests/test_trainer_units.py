@@ -315,7 +315,8 @@ def test_rate_cap_labels_one_flagged_frame_per_step_window_and_survives_a_restar
 
 def test_trainer_keeps_reference_workers_busy_during_a_refinement(tmp_path):
     """Between refinement steps the trainer stores arriving frames and hands free workers new
-    frames; a finished label waits (uncollected) for the refined model but frees its slot."""
+    frames; a finished label is stored at once (learned after the refinement) and frees its
+    slot."""
     import zmq
     from concurrent.futures import Future
     from types import SimpleNamespace
@@ -326,13 +327,18 @@ def test_trainer_keeps_reference_workers_busy_during_a_refinement(tmp_path):
 
     endpoint = f"ipc://{tmp_path}/learn"
     t = Trainer.__new__(Trainer)
-    t.cfg = SimpleNamespace(max_labels=None, selection=SelectionPolicy(max_in_flight=1))
+    t.cfg = SimpleNamespace(max_labels=None, selection=SelectionPolicy(max_in_flight=1),
+                            reference=SimpleNamespace(describe=lambda: "test reference"))
     t.store, t.dedup, t.rate_cap = FrameStore(tmp_path / "frames.db"), Deduplicator(0.0), RateCap(0)
+    t.posterior = SimpleNamespace(offset_energy=lambda numbers, energy: energy)
     t.sock = _pull(endpoint)
     t._stop, t._t_end = False, None                 # not stopping: the refinement goes on
+    t._refining, t._stored_unlearned = True, []
     done = Future()
     done.set_result((-1.0, np.zeros((3, 3))))
-    t._in_flight = {999: (done, _water())}          # finished, not yet collected
+    first = t.store.add(_water(), frame_id="first", origin="flagged")
+    t.store.set_state(first, "labelling")
+    t._in_flight = {first: (done, _water())}        # finished, not yet collected
     sent = []
     t.labeller = SimpleNamespace(submit=lambda s: sent.append(s) or Future())
     push = zmq.Context.instance().socket(zmq.PUSH)
@@ -343,9 +349,11 @@ def test_trainer_keeps_reference_workers_busy_during_a_refinement(tmp_path):
         time.sleep(0.3)
         t.select_and_submit()                     # outside a refinement: the slot is taken
         assert sent == []
-        assert t._keep_labelling() is False       # inside: stored, and the worker gets it
+        assert t._keep_labelling() is False       # inside: both stored, the worker gets "new"
         assert [r.frame_id for r in t.store.rows(state="labelling")] == ["new"]
-        assert len(sent) == 1 and 999 in t._in_flight and len(t._in_flight) == 2
+        assert [r.frame_id for r in t.store.rows(state="labelled")] == ["first"]
+        assert [row for row, *_ in t._stored_unlearned] == [first]   # learned after it
+        assert len(sent) == 1 and first not in t._in_flight and len(t._in_flight) == 1
         t._keep_labelling()                       # one worker, busy: nothing more
         assert len(sent) == 1
         t._stop = True                            # SIGTERM: end the refinement here
@@ -614,6 +622,7 @@ def test_trainer_receive_takes_a_bounded_batch_and_stores_each_frame(tmp_path):
                                                     _header(frame_id=f"f{i}", step=i))))
         time.sleep(0.5)
         trainer._in_flight, trainer._new_since_update = {}, 0   # nothing to collect or publish
+        trainer._stored_unlearned = []
         trainer._wind_down()
         assert trainer.store.count() == 130
     finally:

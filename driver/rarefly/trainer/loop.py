@@ -110,6 +110,8 @@ class Trainer:
         self._stop = False
         self._t_end: float | None = None       # --max-seconds, as a time.time() deadline
         self._new_frames: list[LabelledFrame] = []
+        self._refining = False                 # inside refine_backbone: labels only stored
+        self._stored_unlearned: list[tuple] = []
         # resuming: labels stored but not yet in a published model are learned now
         for f in self.store.labelled_frames():
             row = self.store.db.get(id=f.info["row"])
@@ -185,7 +187,7 @@ class Trainer:
     def select_and_submit(self, running_only: bool = False) -> None:
         """Send the best queued frames to the reference, up to ``max_in_flight`` tasks at a
         time. ``running_only``: count only tasks still running, not finished ones waiting to
-        be collected (during a refinement, when labels are not recorded)."""
+        be collected)."""
         budget = self.cfg.max_labels
         busy = (sum(not fut.done() for fut, _ in self._in_flight.values()) if running_only
                 else len(self._in_flight))
@@ -225,10 +227,30 @@ class Trainer:
             self._record_label(row_id, s, energy, np.asarray(forces), self.cfg.reference.describe())
 
     def _record_label(self, row_id: int, s, energy: float, forces, reference: str) -> None:
+        """Store a label (one transaction) and learn it; during a backbone refinement only
+        store it: its pre-update residual needs a model that is not half-way through an
+        update, so it is learned at the next update (:meth:`_learn_stored`). A SIGKILL at any
+        moment loses no finished label, and a restart learns the stored ones it finds unused."""
         post = self.posterior
-        self._align_if_needed(s, energy)
+        if not self._refining:
+            self._align_if_needed(s, energy)
         offset = post.offset_energy(s.numbers, 0.0)
         self.store.add_label(row_id, energy, forces, reference, energy_offset=offset)
+        if self._refining:
+            self._stored_unlearned.append((row_id, s, energy, np.asarray(forces)))
+            return
+        self._learn_label(row_id, s, energy, forces)
+
+    def _learn_stored(self) -> None:
+        """Learn the labels stored during a refinement, with the refined model's residuals."""
+        stored, self._stored_unlearned = self._stored_unlearned, []
+        for row_id, s, energy, forces in stored:
+            self._align_if_needed(s, energy)
+            self._learn_label(row_id, s, energy, forces)
+
+    def _learn_label(self, row_id: int, s, energy: float, forces) -> None:
+        post = self.posterior
+        offset = post.offset_energy(s.numbers, 0.0)
         frame = LabelledFrame(s, energy, np.asarray(forces))
         # pre-update prediction: residual for calibration and for the log
         pred = post.predict([s])[0]
@@ -258,6 +280,7 @@ class Trainer:
         self._event("aligned", offset_per_atom=delta)
 
     def maybe_update(self) -> bool:
+        self._learn_stored()
         if self._new_since_update == 0:
             return False
         if self._new_since_update < self.cfg.update_every and self._in_flight:
@@ -275,9 +298,13 @@ class Trainer:
             self._event("refine", labels=len(frames), steps=self.cfg.backbone_steps,
                         model_version=post.model_version)
             before = {k: v.detach().clone() for k, v in post.backbone.model.state_dict().items()}
-            ft = post.refine_backbone(frames, self.cfg.backbone_steps, lr=self.cfg.backbone_lr,
-                                      anchor=self._anchor, replay=self._replay,
-                                      between_steps=self._keep_labelling)
+            self._refining = True
+            try:
+                ft = post.refine_backbone(frames, self.cfg.backbone_steps, lr=self.cfg.backbone_lr,
+                                          anchor=self._anchor, replay=self._replay,
+                                          between_steps=self._keep_labelling)
+            finally:
+                self._refining = False
             if ft["stopped_early"]:
                 # asked to stop mid-refinement: designing every label again on the new features
                 # costs about a second per label on a CPU (30 labels of alanine dipeptide: 30 s),
@@ -323,8 +350,11 @@ class Trainer:
         # Rows are marked before the model is written (one transaction), and a restart
         # relearns rows marked with a version newer than the model file's: a SIGKILL between
         # the two neither drops a label from the posterior nor learns one twice.
+        unlearned = {row_id for row_id, *_ in self._stored_unlearned}   # stored meanwhile
         with self.store.db:
             for r in list(self.store.rows(state="labelled")):
+                if r.id in unlearned:
+                    continue
                 u = r.get("used_in_version")
                 if u is None or u >= post.model_version:
                     self.store.db.update(r.id, used_in_version=post.model_version)
@@ -357,13 +387,14 @@ class Trainer:
         return blocks
 
     def _keep_labelling(self) -> bool:
-        """Between two refinement steps: store the frames the drivers sent and give free
-        reference workers new frames; finished labels wait for the refined model (their
-        pre-update residuals need a model that is not half-way through an update). True
-        (end the refinement here) once the trainer is asked to stop."""
+        """Between two refinement steps: store the frames the drivers sent, store the finished
+        labels (learned after the refinement, see :meth:`_record_label`) and give free
+        reference workers new frames. True (end the refinement here) once the trainer is
+        asked to stop."""
         if self._stop or (self._t_end is not None and time.time() >= self._t_end):
             return True
         self.receive(timeout_ms=0, max_seconds=0.005)
+        self.collect()
         self.select_and_submit(running_only=True)
         return False
 
@@ -398,7 +429,8 @@ class Trainer:
                 self.collect()
                 self.maybe_update()
                 if self.cfg.max_labels is not None and self.labels_done() >= self.cfg.max_labels \
-                        and not self._in_flight and self._new_since_update == 0:
+                        and not self._in_flight and self._new_since_update == 0 \
+                        and not self._stored_unlearned:
                     self._event("budget", labels=self.labels_done())
                     break
             else:
