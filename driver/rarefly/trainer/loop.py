@@ -184,14 +184,12 @@ class Trainer:
             n += row is not None
         return n
 
-    def select_and_submit(self, running_only: bool = False) -> None:
+    def select_and_submit(self) -> None:
         """Send the best queued frames to the reference, up to ``max_in_flight`` tasks at a
-        time. ``running_only``: count only tasks still running, not finished ones waiting to
-        be collected)."""
+        time (finished tasks count until collected: during a refinement too, which collects
+        between its steps)."""
         budget = self.cfg.max_labels
-        busy = (sum(not fut.done() for fut, _ in self._in_flight.values()) if running_only
-                else len(self._in_flight))
-        free = self.cfg.selection.max_in_flight - busy
+        free = self.cfg.selection.max_in_flight - len(self._in_flight)
         if free <= 0:
             return
         for row in rank(self.store.rows(state="queued")):
@@ -395,7 +393,7 @@ class Trainer:
             return True
         self.receive(timeout_ms=0, max_seconds=0.005)
         self.collect()
-        self.select_and_submit(running_only=True)
+        self.select_and_submit()
         return False
 
     def _refines(self) -> bool:
