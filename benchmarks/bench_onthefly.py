@@ -338,7 +338,36 @@ def offline_audit(d: Path, frames, epsilon: float, n: int, seed: int) -> dict:
             "cov_all": float(np.mean(errs < epsilon)), "pred_all": float(np.mean(conf))}
 
 
-def analyse(name: str, wall: float | None, target: float, epsilon: float, n_audit: int) -> dict:
+def final_model_md(d: Path, steps: int, every: int = 10, skip: int = 100, temperature: float = 300.0,
+                   seed: int = 11) -> list:
+    """Unbiased Langevin MD (ASE, 1 fs, friction 0.01/fs) on the run's final model from the
+    start structure: frames every ``every`` steps after ``skip``. The same for every scheme,
+    so the final models are audited on frames of an unbiased dynamics: the trajectory of a
+    biased run (c) lives where the model is unsure and holds almost no frame it trusts."""
+    import ase.io
+    import torch
+    from ase import units
+    from ase.md.langevin import Langevin
+    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+
+    from rarefly.calculator import RareflyCalculator
+
+    torch.set_num_threads(2)
+    a = ase.io.read(START)
+    a.calc = RareflyCalculator(model=str(d / "model.rfly"))
+    MaxwellBoltzmannDistribution(a, temperature_K=temperature, rng=np.random.default_rng(seed))
+    md = Langevin(a, 1.0 * units.fs, temperature_K=temperature, friction=0.01 / units.fs,
+                  rng=np.random.default_rng(seed + 1))
+    frames = []
+    md.attach(lambda: frames.append(a.copy()) if md.nsteps > skip else None, interval=every)
+    md.run(steps)
+    for f in frames:
+        f.calc = None
+    return frames
+
+
+def analyse(name: str, wall: float | None, target: float, epsilon: float, n_audit: int,
+            md_steps: int = 0) -> dict:
     from rarefly.report import RunData
 
     d = WORK / name
@@ -367,6 +396,8 @@ def analyse(name: str, wall: float | None, target: float, epsilon: float, n_audi
             label_phi.append(float(wrap(row.toatoms().get_dihedral(*PHI0))))
     label_phi = np.array(label_phi)
     off = offline_audit(d, frames, epsilon, n_audit, seed=7)
+    md_frames = final_model_md(d, md_steps) if md_steps else []
+    off_md = offline_audit(d, md_frames, epsilon, len(md_frames), seed=7) if md_frames else None
     ext = data.extras
     manifest = data.manifest.get("segments", [{}])[-1]
     if wall is None:   # --analyse-only: the rarefly run invocation's own wall time
@@ -379,7 +410,7 @@ def analyse(name: str, wall: float | None, target: float, epsilon: float, n_audi
             "steps_flagged": int((ext[:, 3] > 0.5).sum()) if ext.shape[1:] and ext.shape[1] >= 4 else 0,
             "curve": curve, "reached": reached, "f_final": curve[-1][1] if curve else float("nan"),
             "f_best": min(c[1] for c in curve) if curve else float("nan"),
-            "cov_online": cov_online, "off": off, "versions": len(data.publishes),
+            "cov_online": cov_online, "off": off, "off_md": off_md, "versions": len(data.publishes),
             "grad_total": sum(grad), "grad_per_call": sum(grad) / max(len(labels), 1),
             "update_s": float(np.mean(secs)) if secs else float("nan"),
             "phi_max": float(phi.max()), "ts_frac": float(np.mean(np.abs(phi) < 30)),
@@ -406,6 +437,10 @@ def main() -> int:
                          "frames in 2000 steps; with 0.003 a_paper's over-confident start model "
                          "made 4 calls in 2000 steps, see the eighteenth run)")
     ap.add_argument("--offline-audit", type=int, default=60)
+    ap.add_argument("--md-audit", type=int, default=500,
+                    help="after each run: this many steps of unbiased ASE Langevin MD on its final "
+                         "model from the start structure, every 10th frame after step 100 "
+                         "xTB-labelled (the final-model audit of every scheme; 0: none)")
     ap.add_argument("--wall-minutes", type=float, default=10.0)
     ap.add_argument("--backbone-steps", type=int, default=0,
                     help="trainer refinement of all MACE weights ([learning] backbone_steps; "
@@ -521,7 +556,7 @@ def main() -> int:
         else:
             cfg = write_config(name, args, eps, level, audit, plumed)
             wall = run_scheme(name, cfg)
-        results[name] = r = analyse(name, wall, target, eps, args.offline_audit)
+        results[name] = r = analyse(name, wall, target, eps, args.offline_audit, args.md_audit)
         if name == "a_paper":
             sig = (r["sigma_mean"], r["sigma_std"])
         print(f"{name}: {r['steps']} steps, {r['calls']} calls, {r['wall']:.0f} s "
@@ -543,7 +578,7 @@ def main() -> int:
     hdr = (f"{'scheme':11s} {'steps':>5s} {'wall':>5s} {'calls':>5s} {'flag/aud':>8s} "
            f"{'N@tgt':>5s} {'F start':>7s} {'F best':>7s} {'F final':>7s} {'cov aud':>10s} "
            f"{'cov off':>12s} {'grad/call':>9s} {'upd s':>5s} {'phi max':>7s} {'|phi|<30':>8s} "
-           f"{'TS lab':>6s}")
+           f"{'TS lab':>6s} {'cov md':>12s}")
     print(hdr)
     for name, r in results.items():
         o = r["off"]
@@ -553,13 +588,17 @@ def main() -> int:
               f"{r['curve'][0][1]:7.4f} {r['f_best']:7.4f} {r['f_final']:7.4f} "
               f"{r['cov_online']:5.2f} n={r['audit']:<3d} "
               f"{o['cov_trusted']:5.2f} n={o['n_trusted']:<3d} {r['grad_per_call']:9.0f} "
-              f"{r['update_s']:5.2f} {r['phi_max']:7.1f} {r['ts_frac']:8.3f} {r['label_ts']:6d}")
+              f"{r['update_s']:5.2f} {r['phi_max']:7.1f} {r['ts_frac']:8.3f} {r['label_ts']:6d} "
+              + (f"{r['off_md']['cov_trusted']:5.2f} n={r['off_md']['n_trusted']:<3d}"
+                 if r.get("off_md") else f"{'-':>12s}"))
     print("columns: calls = reference calls (flagged/audit); N@tgt = calls when the TS force RMSE "
           "first reached the target; cov aud = P(|E err| < eps) on the run's audit frames "
           "(model before learning each); cov off = the same on random trajectory frames the "
           "final model trusts (conf >= 0.95), xTB-labelled offline; grad/call = gradient steps "
           "per call from the trainer's publish events; upd s = seconds per update; phi max, "
-          "|phi|<30 = trajectory (every 10 steps); TS lab = labelled frames with |phi| < 45")
+          "|phi|<30 = trajectory (every 10 steps); TS lab = labelled frames with |phi| < 45; "
+          "cov md = the same as cov off on frames of an unbiased MD of the final model "
+          "(--md-audit)")
     for name, r in results.items():
         o = r["off"]
         print(f"  {name}: offline audit all {o['n']} frames ({o['xtb_failed']} more where xTB "
@@ -567,6 +606,11 @@ def main() -> int:
               f"predicted confidence {o['pred_all']:.2f}; sigma_E along the run "
               f"{r['sigma_mean']:.4f} +- {r['sigma_std']:.4f} eV; {r['versions']} versions; "
               f"{r['steps_flagged']} steps flagged; last call at {r['t_last_call']:.0f} s")
+        m = r.get("off_md")
+        if m:
+            print(f"  {name}: final-model MD audit all {m['n']} frames ({m['xtb_failed']} more "
+                  f"where xTB failed): coverage {m['cov_all']:.2f}, mean predicted confidence "
+                  f"{m['pred_all']:.2f}")
     print(f"\ntotal {time.perf_counter() - t_all:.0f} s")
 
     # ---------------------------------------------------------------- targets
@@ -605,16 +649,27 @@ def main() -> int:
         else:
             cov, n, where = float("nan"), max(r["audit"], o["n_trusted"]), None
         verdict = ("met" if cov >= LEVEL else "missed") if where else "not resolved"
+        m = r.get("off_md")
+        md_verdict = None
+        if m and m["n_trusted"] >= 20:
+            md_verdict = "met" if m["cov_trusted"] >= LEVEL else "missed"
         g = r["grad_per_call"]
         if g > PAPER_STEPS / 10:
             gv = "missed"
         else:
-            gv = {"met": "met", "missed": "missed (coverage)"}.get(verdict, "not resolved (coverage)")
+            v = verdict if where else (md_verdict or verdict)   # the final model's, if only that
+            gv = {"met": "met", "missed": "missed (coverage)"}.get(v, "not resolved (coverage)")
         detail = (f"{cov:.2f} on {n} {where}" if where else
                   f"fewer than 20 audit frames: run audit n={r['audit']}, offline trusted "
                   f"n={o['n_trusted']} of {o['n']}; all {o['n']} offline frames: "
                   f"{o['cov_all']:.2f}")
         print(f"TARGET 2 {name}: audit coverage >= {LEVEL}: {verdict} ({detail})")
+        if m:
+            print(f"TARGET 2 {name}, final model on its own unbiased MD: "
+                  + (f"{md_verdict} ({m['cov_trusted']:.2f} on {m['n_trusted']} trusted of "
+                     f"{m['n']} frames)" if md_verdict else
+                     f"not resolved ({m['n_trusted']} trusted of {m['n']} frames; all: "
+                     f"{m['cov_all']:.2f})"))
         print(f"TARGET 3 {name}: <= {PAPER_STEPS // 10} gradient steps per call at coverage "
               f">= {LEVEL}: {gv} ({g:.1f} gradient steps per call: "
               + ("backbone refinements, the readout posterior in closed form"

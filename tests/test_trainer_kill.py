@@ -471,12 +471,13 @@ def test_a_stopping_trainer_publishes_every_label_without_waiting_for_a_refineme
         tr.close()
 
 
-def test_a_label_finished_during_a_refinement_is_stored_at_once_and_learned_after(tmp_path, model_file):
+def test_a_label_finished_during_a_refinement_is_stored_at_once_and_learned_before_publishing(
+        tmp_path, model_file):
     """A refinement takes minutes; a reference result that finishes meanwhile is in the
-    database before the refinement ends (a SIGKILL then loses it not), is not marked as used
-    by the refined version, and is learned, with the refined model's residual, at the next
-    update (a restart in between relearns it, as it finds no version on it; see
-    test_restart_relearns_exactly_the_labels_the_model_file_lacks) (real xTB, real MACE)."""
+    database before the refinement ends (a SIGKILL then loses it not), its residual is the
+    refined model's (not a half-updated one's), and the refined version is published with it
+    learned and in its calibration: the first evidence of how wrong the refined model is
+    (real xTB, real MACE)."""
     from concurrent.futures import Future
 
     from rarefly.posterior import load_posterior
@@ -500,31 +501,42 @@ def test_a_label_finished_during_a_refinement_is_stored_at_once_and_learned_afte
                         executor=ExecutorSpec("threads"), align_energies=False,
                         backbone_steps=3, backbone_every=2)
     result = label(ref, frames[2].numbers, frames[2].positions)
+    start = load_posterior(model)
     tr = Trainer(cfg)
     try:
         done = Future()                        # the reference finishes during the first step
         tr.store.set_state(late, "labelling")
         tr._in_flight[late] = (done, frames[2])
         real = tr._keep_labelling
+        seen = []
 
         def between():
             done.set_result(result) if not done.done() else None
-            return real()
+            out = real()
+            row = FrameStore(tmp_path / "frames.db").db.get(id=late)
+            seen.append((row.state, row.get("used_in_version")))
+            return out
 
         tr._keep_labelling = between
         assert tr.maybe_update()               # the refinement (3 steps) and its version
+        assert seen[0] == ("labelled", None)   # in the database during the refinement
         refined = tr.posterior.model_version
+        assert refined == start.model_version + 1
         row = FrameStore(tmp_path / "frames.db").db.get(id=late)
-        assert row.state == "labelled" and row.get("used_in_version") is None
-        assert row.ref_energy == pytest.approx(result[0])
+        assert row.state == "labelled" and row.ref_energy == pytest.approx(result[0])
         assert [r.get("used_in_version") for r in FrameStore(tmp_path / "frames.db").rows(
-            state="labelled") if r.id != late] == [refined] * 2
-        events = [e for e in _events(tmp_path / "frames.jsonl") if e["event"] == "label"]
-        assert all(e["row"] != late for e in events)       # no residual of a half-updated model
-        assert tr.maybe_update()               # learned now, by the refined model's residual
-        label_event = [e for e in _events(tmp_path / "frames.jsonl") if e["event"] == "label"][-1]
-        assert label_event["row"] == late and label_event["model_version"] == refined
-        assert FrameStore(tmp_path / "frames.db").db.get(id=late).get("used_in_version") == refined + 1
+            state="labelled")] == [refined] * 3                 # the late label is in it too
+        events = _events(tmp_path / "frames.jsonl")
+        labels = [e for e in events if e["event"] == "label"]
+        assert [e["row"] for e in labels][-1] == late and labels[-1]["refined"] is True
+        assert sum(e["row"] == late for e in labels) == 1
+        assert all(not e.get("refined") for e in labels[:-1])
+        publish = [e for e in events if e["event"] == "publish"][-1]
+        assert publish["learned_after_refinement"] == 1 and publish["gradient_steps"] == 3
+        # its residual is in the published calibration (one residual per label since start)
+        assert publish["calibration"]["energy"]["n"] == start.calibration.energy.n + 3
+        assert not tr.maybe_update()           # nothing left to learn
+        assert tr._labels_since_refine == 1    # it counts toward the next refinement
     finally:
         tr.close()
-    assert load_posterior(model).model_version == refined + 1
+    assert load_posterior(model).model_version == refined
