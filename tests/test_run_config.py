@@ -357,6 +357,15 @@ def test_cv_calibration_reaches_the_driver_and_is_validated(tmp_path, ethanol_xy
                 structure=ethanol_xyz), "[bias] cv_calibration", "frozen", check_code=False)
 
 
+def test_rescore_flagged_is_on_by_default_and_can_be_switched_off(tmp_path, ethanol_xyz):
+    run, cmd, args = _trainer_command(tmp_path, ethanol_xyz, "rescore_flagged = false")
+    assert "--no-rescore-flagged" in cmd and args.no_rescore_flagged
+    run.cfg.learning.rescore_flagged = True
+    assert "--no-rescore-flagged" not in run.trainer_command()
+    fails(write(tmp_path, "[learning]\nrescore_flagged = 0\n", structure=ethanol_xyz),
+          "[learning] rescore_flagged", check_code=False)
+
+
 @pytest.mark.parametrize("key, flag, bad", [
     ("replay_energies", "--replay-energies", "1"),
     ("recalibrate_after_refinement", "--recalibrate-after-refinement", '"yes"'),

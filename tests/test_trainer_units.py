@@ -273,6 +273,7 @@ def test_rate_cap_labels_one_flagged_frame_per_step_window_and_survives_a_restar
         t.cfg = SimpleNamespace(max_labels=None,
                                 selection=SelectionPolicy(max_in_flight=100, min_step_gap=gap))
         t.store, t.dedup, t.labeller, t._in_flight = store, Deduplicator(0.0), Labeller(), {}
+        t._refining = False
         t.rate_cap = RateCap(gap, store.rows(state="labelled"))   # as Trainer.__init__ does
         t.labels_done = lambda: 0
         return t
@@ -315,8 +316,8 @@ def test_rate_cap_labels_one_flagged_frame_per_step_window_and_survives_a_restar
 
 def test_trainer_keeps_reference_workers_busy_during_a_refinement(tmp_path):
     """Between refinement steps the trainer stores arriving frames and hands free workers new
-    frames; a finished label is stored at once (learned after the refinement) and frees its
-    slot."""
+    audit frames (flagged ones wait for the refined model's verdict); a finished label is
+    stored at once (learned after the refinement) and frees its slot."""
     import zmq
     from concurrent.futures import Future
     from types import SimpleNamespace
@@ -345,7 +346,8 @@ def test_trainer_keeps_reference_workers_busy_during_a_refinement(tmp_path):
     push.setsockopt(zmq.LINGER, 1000)
     push.connect(endpoint)
     try:
-        push.send_multipart(encode(FrameMessage(_water((0.3, 0, 0)), _header(frame_id="new", step=7))))
+        push.send_multipart(encode(FrameMessage(_water((0.3, 0, 0)),
+                                                _header(frame_id="new", step=7, origin="audit"))))
         time.sleep(0.3)
         t.select_and_submit()                     # outside a refinement: the slot is taken
         assert sent == []
@@ -356,6 +358,12 @@ def test_trainer_keeps_reference_workers_busy_during_a_refinement(tmp_path):
         assert len(sent) == 1 and first not in t._in_flight and len(t._in_flight) == 1
         t._keep_labelling()                       # one worker, busy: nothing more
         assert len(sent) == 1
+        t.cfg.selection.max_in_flight = 2         # a free worker, and a flagged frame arrives:
+        push.send_multipart(encode(FrameMessage(_water((0.6, 0, 0)), _header(frame_id="held", step=9))))
+        time.sleep(0.3)
+        t._keep_labelling()
+        assert len(sent) == 1                     # it waits for the refined model's verdict
+        assert [r.frame_id for r in t.store.rows(state="queued")] == ["held"]
         t._stop = True                            # SIGTERM: end the refinement here
         assert t._keep_labelling() is True
     finally:
@@ -364,6 +372,58 @@ def test_trainer_keeps_reference_workers_busy_during_a_refinement(tmp_path):
 
 
 # ------------------------------------------------------------------ flag policy
+
+
+def test_a_flagged_frame_is_labelled_only_while_the_trainers_model_still_flags_it(tmp_path):
+    """rescore_flagged: a frame flagged by an older model version is asked again, with the
+    driver's level, force threshold and epsilon (from its header), by the model the trainer
+    holds; skipped, with the reason, when that model trusts it; frames of the current version
+    or without the criterion go to the reference as before."""
+    from concurrent.futures import Future
+    from types import SimpleNamespace
+
+    from rarefly.calibration import ScaleCalibration
+    from rarefly.trainer.loop import Trainer
+    from rarefly.trainer.selection import Deduplicator, RateCap, SelectionPolicy
+    from rarefly.trainer.store import FrameStore
+
+    raw = {}                                      # x offset of the water -> raw sigma_E (eV)
+
+    def predict(structures):
+        return [SimpleNamespace(extra={"energy_sigma_raw": raw[round(float(s.positions[0, 0]), 3)]},
+                                forces_sigma=np.full(3, 0.05)) for s in structures]
+
+    def trainer(rescore=True):
+        t = Trainer.__new__(Trainer)
+        t.cfg = SimpleNamespace(max_labels=None, selection=SelectionPolicy(
+            max_in_flight=10, rescore_flagged=rescore))
+        t.store, t.dedup, t.rate_cap = FrameStore(tmp_path / f"f{rescore}.db"), Deduplicator(0.0), RateCap(0)
+        t.posterior = SimpleNamespace(model_version=5, predict=predict,
+                                      settings=SimpleNamespace(epsilon=1.0),
+                                      calibration=SimpleNamespace(energy=ScaleCalibration(a=50.0, b=50.0)))
+        t._refining, t._in_flight = False, {}
+        t.labeller = SimpleNamespace(submit=lambda s: Future())
+        crit = {"flag_level": 0.95, "flag_epsilon": 0.2, "flag_force_threshold": None}
+        for name, x, sigma, version, extra in [
+                ("sure_now", 0.1, 0.01, 4, crit),                   # old version, trusted now
+                ("unsure_now", 0.2, 0.5, 4, crit),                  # old version, still flagged
+                ("forces_now", 0.3, 0.01, 4, {**crit, "flag_force_threshold": 0.01}),
+                ("this_version", 0.4, 0.01, 5, crit),               # flagged by the model held
+                ("old_driver", 0.5, 0.01, 4, {})]:                  # no criterion in the header
+            raw[x] = sigma
+            t.store.add(_water((x, 0, 0)), frame_id=name, origin="flagged", step=int(x * 10),
+                        model_version=version, sigma_E_raw=sigma, **extra)
+        return t
+
+    t = trainer()
+    t.select_and_submit()
+    assert sorted(r.frame_id for r in t.store.rows(state="labelling")) == \
+        ["forces_now", "old_driver", "this_version", "unsure_now"]
+    (skipped,) = t.store.rows(state="skipped")
+    assert skipped.frame_id == "sure_now" and "trusted by model version 5" in skipped.reason
+    t = trainer(rescore=False)                     # the switch off: every flagged frame goes
+    t.select_and_submit()
+    assert t.store.count(state="labelling") == 5
 
 def _prediction(confidence=0.99, forces_sigma=(0.01, 0.02, 0.03)):
     n = len(forces_sigma)

@@ -130,7 +130,10 @@ class FlaggingPredictor:
                       "step": self.step, "walker": self.walker, "model_version": p.model_version,
                       "sigma_E": p.energy_sigma, "sigma_E_raw": p.extra.get("energy_sigma_raw"),
                       "confidence": p.confidence, "pred_energy": p.energy,
-                      "forces_sigma_max": float(np.max(p.forces_sigma))}
+                      "forces_sigma_max": float(np.max(p.forces_sigma)),
+                      # the criterion, so that the trainer can ask a newer model the same question
+                      "level": self.policy.level, "force_threshold": self.policy.force_threshold,
+                      "epsilon": self._epsilon()}
             if origin == "flagged" and self.policy.mode == "guarantee":
                 labelled = self._reference(s, header["frame_id"])
                 if labelled is not None:
@@ -149,6 +152,10 @@ class FlaggingPredictor:
                     p.extra["reference"] = False
             self._send(FrameMessage(s, header, ref_forces), origin)
         return preds
+
+    def _epsilon(self) -> float | None:
+        settings = getattr(self.inner, "settings", None)
+        return None if settings is None else float(settings.epsilon)
 
     def _reference(self, s: Structure, frame_id: str):
         """(energy, forces) of the reference for a flagged frame, or None when this step

@@ -455,6 +455,8 @@ class OnTheFlyRun:
             cmd += ["--min-step-gap", str(cfg.learning.min_step_gap)]
         if cfg.learning.duplicate_distance != SelectionPolicy.dedup_tol:
             cmd += ["--duplicate-distance", repr(cfg.learning.duplicate_distance)]
+        if not cfg.learning.rescore_flagged:
+            cmd += ["--no-rescore-flagged"]
         if cfg.learning.calibration_memory:
             cmd += ["--calibration-memory", str(cfg.learning.calibration_memory)]
         if cfg.learning.recalibrate_after_refinement:

@@ -63,6 +63,11 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                         "the most uncertain one queued (default 0: no cap; audit frames are never "
                         "capped). Spreads a reference budget over the run instead of spending it "
                         "on the first flagged steps")
+    p.add_argument("--no-rescore-flagged", action="store_true",
+                   help="label every flagged frame, as the seed paper does (default: a flagged "
+                        "frame goes to the reference only while the trainer's current model still "
+                        "flags it by the driver's criterion; flagged frames wait during a backbone "
+                        "refinement, and the refined model decides)")
     p.add_argument("--calibration-memory", type=whole_number(0, "a number of labels (0 or more)"),
                    default=0, metavar="LABELS",
                    help="forget old residuals: about the last LABELS labels set the Student-t "
@@ -134,7 +139,8 @@ def run(args) -> int:
                             recalibrate_after_refinement=args.recalibrate_after_refinement,
                             replay_energies=args.replay_energies,
                             selection=SelectionPolicy(dedup_tol=args.duplicate_distance,
-                                                      min_step_gap=args.min_step_gap))
+                                                      min_step_gap=args.min_step_gap,
+                                                      rescore_flagged=not args.no_rescore_flagged))
         trainer = Trainer(cfg)
     except (ReferenceError, LabellingError, ValueError, FileNotFoundError) as exc:
         print(f"rarefly trainer: {exc}", file=sys.stderr)

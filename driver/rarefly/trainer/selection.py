@@ -22,6 +22,10 @@ class SelectionPolicy:
     #: rate cap in MD steps: a flagged frame less than this many steps after the last flagged
     #: frame chosen from the same walker is skipped (0: no cap; audit frames are never capped)
     min_step_gap: int = 0
+    #: a flagged frame goes to the reference only while the model the trainer holds still
+    #: flags it (the driver's criterion, from the frame's header): flagged frames wait during a
+    #: backbone refinement, and a frame flagged by an older version is asked again
+    rescore_flagged: bool = True
 
 
 def fingerprint(s: Structure) -> tuple[bytes, np.ndarray]:
