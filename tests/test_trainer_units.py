@@ -316,7 +316,7 @@ def test_rate_cap_labels_one_flagged_frame_per_step_window_and_survives_a_restar
 
 def test_trainer_keeps_reference_workers_busy_during_a_refinement(tmp_path):
     """Between refinement steps the trainer stores arriving frames and hands free workers new
-    audit frames (flagged ones wait for the refined model's verdict); a finished label is
+    frames (a flagged one is not asked again by the half-refined model); a finished label is
     stored at once (learned after the refinement) and frees its slot."""
     import zmq
     from concurrent.futures import Future
@@ -359,11 +359,12 @@ def test_trainer_keeps_reference_workers_busy_during_a_refinement(tmp_path):
         t._keep_labelling()                       # one worker, busy: nothing more
         assert len(sent) == 1
         t.cfg.selection.max_in_flight = 2         # a free worker, and a flagged frame arrives:
-        push.send_multipart(encode(FrameMessage(_water((0.6, 0, 0)), _header(frame_id="held", step=9))))
+        push.send_multipart(encode(FrameMessage(_water((0.6, 0, 0)), _header(
+            frame_id="held", step=9, model_version=1, level=0.95, epsilon=0.2))))
         time.sleep(0.3)
-        t._keep_labelling()
-        assert len(sent) == 1                     # it waits for the refined model's verdict
-        assert [r.frame_id for r in t.store.rows(state="queued")] == ["held"]
+        t._keep_labelling()                       # labelled as it comes (no rescoring by a
+        assert len(sent) == 2                     # half-refined model)
+        assert [r.frame_id for r in t.store.rows(state="labelling")] == ["new", "held"]
         t._stop = True                            # SIGTERM: end the refinement here
         assert t._keep_labelling() is True
     finally:

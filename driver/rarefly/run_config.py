@@ -148,10 +148,10 @@ class LearningConfig:
     """Rate cap: the trainer labels at most one flagged frame per this many MD steps of a
     walker, the most uncertain one queued (default 0: no cap; audit frames are not capped)."""
     rescore_flagged: bool = True
-    """A flagged frame goes to the reference only while the model the trainer holds still flags
-    it (by the driver's level, force threshold and epsilon): flagged frames wait during a
-    backbone refinement, and those flagged by an older version are asked again (default true;
-    false: every flagged frame is labelled, as the seed paper does)."""
+    """A frame flagged by an older model version goes to the reference only if the model the
+    trainer holds still flags it (by the driver's level, force threshold and epsilon); during a
+    backbone refinement flagged frames are labelled as they come (default true; false: every
+    flagged frame is labelled, as the seed paper does)."""
     calibration_memory: int = 0
     """Forget old residuals: about the last this-many labels set the Student-t calibration
     (older evidence discounted by (1 - 1/N) per label; default 0: remember all, as the seed

@@ -64,10 +64,10 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                         "capped). Spreads a reference budget over the run instead of spending it "
                         "on the first flagged steps")
     p.add_argument("--no-rescore-flagged", action="store_true",
-                   help="label every flagged frame, as the seed paper does (default: a flagged "
-                        "frame goes to the reference only while the trainer's current model still "
-                        "flags it by the driver's criterion; flagged frames wait during a backbone "
-                        "refinement, and the refined model decides)")
+                   help="label every flagged frame, as the seed paper does (default: a frame "
+                        "flagged by an older model version goes to the reference only if the "
+                        "trainer's current model still flags it by the driver's criterion; during "
+                        "a backbone refinement flagged frames are labelled as they come)")
     p.add_argument("--calibration-memory", type=whole_number(0, "a number of labels (0 or more)"),
                    default=0, metavar="LABELS",
                    help="forget old residuals: about the last LABELS labels set the Student-t "

@@ -190,19 +190,19 @@ class Trainer:
     def select_and_submit(self) -> None:
         """Send the best queued frames to the reference, up to ``max_in_flight`` tasks at a
         time (finished tasks count until collected: during a refinement too, which collects
-        between its steps). With ``rescore_flagged`` (default) a flagged frame is sent only
-        while the model the trainer holds still flags it, and not during a refinement (audit
-        frames always are: they measure the calibration)."""
+        between its steps). With ``rescore_flagged`` (default), outside a refinement, a frame
+        flagged by an older model version is sent only if the model the trainer holds still
+        flags it (audit frames always are: they measure the calibration)."""
         budget = self.cfg.max_labels
         free = self.cfg.selection.max_in_flight - len(self._in_flight)
         if free <= 0:
             return
         asked = 0
-        rescore = self.cfg.selection.rescore_flagged
-        # during a refinement flagged frames wait: the refined model decides (_trusted_now)
-        queued = self.store.rows(state="queued", **({"origin": "audit"} if rescore and self._refining
-                                                     else {}))
-        for row in rank(queued):
+        # not during a refinement: a half-refined model gives no verdict, and the labels that
+        # finish meanwhile are the refined model's first calibration evidence (holding the
+        # flagged frames back then left it none: bench_onthefly's twenty-second run)
+        rescore = self.cfg.selection.rescore_flagged and not self._refining
+        for row in rank(self.store.rows(state="queued")):
             if free <= 0:
                 break
             if budget is not None and self.labels_done() + len(self._in_flight) >= budget:
@@ -232,10 +232,11 @@ class Trainer:
     def _trusted_now(self, row, s) -> str | None:
         """A flagged frame from an older model version, asked again with the driver's criterion
         (its level, force threshold and epsilon, from the frame's header) by the model the
-        trainer holds: the reason to skip it when that model trusts it, else None. In
-        bench_onthefly's twenty-first run the paper's scheme spent 20 of its 30 reference calls
-        on frames the old model flagged during a 135 s refinement; the refined model had all 20
-        within epsilon. Frames without the criterion (older drivers) are labelled as before."""
+        trainer holds: the reason to skip it when that model trusts it, else None. A driver
+        that flags at a scale the trainer has since narrowed (or with a model since refined)
+        queues frames the current model gets right; the seed paper's rule is a reference call
+        when the *current* model is unsure. Frames without the criterion (older drivers) are
+        labelled as before."""
         level, version = row.get("flag_level"), row.get("model_version")
         if level is None or version is None:
             return None
@@ -453,8 +454,7 @@ class Trainer:
     def _keep_labelling(self) -> bool:
         """Between two refinement steps: store the frames the drivers sent, store the finished
         labels (learned after the refinement, see :meth:`_record_label`) and give free
-        reference workers new frames (audit frames only with ``rescore_flagged``: the refined
-        model decides about the flagged ones). True (end the refinement here) once the trainer is
+        reference workers new frames. True (end the refinement here) once the trainer is
         asked to stop."""
         if self._stop or (self._t_end is not None and time.time() >= self._t_end):
             return True

@@ -22,9 +22,9 @@ class SelectionPolicy:
     #: rate cap in MD steps: a flagged frame less than this many steps after the last flagged
     #: frame chosen from the same walker is skipped (0: no cap; audit frames are never capped)
     min_step_gap: int = 0
-    #: a flagged frame goes to the reference only while the model the trainer holds still
-    #: flags it (the driver's criterion, from the frame's header): flagged frames wait during a
-    #: backbone refinement, and a frame flagged by an older version is asked again
+    #: a frame flagged by an older model version goes to the reference only if the model the
+    #: trainer holds still flags it (the driver's criterion, from the frame's header); during a
+    #: backbone refinement flagged frames are labelled as they come
     rescore_flagged: bool = True
 
 
