@@ -422,6 +422,9 @@ def test_a_flagged_frame_is_labelled_only_while_the_trainers_model_still_flags_i
         ["forces_now", "old_driver", "this_version", "unsure_now"]
     (skipped,) = t.store.rows(state="skipped")
     assert skipped.frame_id == "sure_now" and "trusted by model version 5" in skipped.reason
+    from rarefly.trainer.loop import _number
+    assert [_number(v) for v in (0.95, 1, "0.95", None, float("nan"), True)] == \
+        [0.95, 1.0, None, None, None, None]            # a malformed criterion is not trusted
     t = trainer(rescore=False)                     # the switch off: every flagged frame goes
     t.select_and_submit()
     assert t.store.count(state="labelling") == 5

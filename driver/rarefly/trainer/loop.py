@@ -40,6 +40,13 @@ RESCORE_BATCH = 16
 STOP_DRAIN_SECONDS = 3.0
 
 
+def _number(v) -> float | None:
+    """A finite number from a frame header, else None (a malformed value is not trusted)."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v):
+        return float(v)
+    return None
+
+
 @dataclass
 class TrainerConfig:
     model: str                                   # model file: read at start, published to
@@ -177,7 +184,7 @@ class Trainer:
             h = msg.header
             meta = {k: h.get(k) for k in ("step", "walker", "model_version", "sigma_E", "sigma_E_raw",
                                           "confidence", "pred_energy")}
-            meta.update({f"flag_{k}": h.get(k) for k in ("level", "force_threshold", "epsilon")})
+            meta.update({f"flag_{k}": _number(h.get(k)) for k in ("level", "force_threshold", "epsilon")})
             origin = "flagged" if msg.origin == "labelled" else msg.origin
             row = self.store.add(msg.structure, frame_id=msg.frame_id, origin=origin, **meta)
             if row is not None and msg.origin == "labelled" and msg.ref_forces is not None:

@@ -2,7 +2,9 @@
 
 frame 1  JSON header: ``{"v": 1, "frame_id", "origin": "flagged"|"audit"|"labelled",
          "step", "walker", "model_version", "natoms", "periodic", "sigma_E", "sigma_E_raw",
-         "confidence", "pred_energy", "forces_sigma_max"}`` (eV, eV/A); for ``labelled``
+         "confidence", "pred_energy", "forces_sigma_max", "level", "force_threshold",
+         "epsilon"}`` (eV, eV/A; the last three are the driver's flagging criterion, which the
+         trainer applies again with a newer model, non-numbers ignored); for ``labelled``
          frames (guarantee mode) also ``"ref_energy"`` and ``"reference"``.
 frame 2  atomic numbers, N int32
 frame 3  positions, N x 3 float64, Angstrom
