@@ -96,6 +96,12 @@ def test_on_the_fly_learning_publishes_versions_the_driver_uses(tmp_path, model_
     db = connect(str(tmp_path / "frames.db"))
     ids = [r.frame_id for r in db.select(state="labelled")]
     assert len(ids) == len(set(ids)) == len(labels)
+    # each flagged frame carries the driver's criterion, so that a newer model can be asked
+    flagged = list(db.select(origin="flagged"))
+    assert flagged and all(r.get("flag_level") == 0.95 and r.get("flag_epsilon", 0.0) > 0.0
+                           for r in flagged)
+    for r in db.select(state="skipped"):
+        assert r.reason == "near-duplicate" or r.reason.startswith("trusted by model version"), r.reason
     # the model got better on held-out reference frames
     start = next(e for e in events if e["event"] == "holdout")
     assert publishes[-1]["holdout_energy_rmse"] < start["holdout_energy_rmse"]
