@@ -249,11 +249,11 @@ def test_restart_relearns_exactly_the_labels_the_model_file_lacks(tmp_path, mode
     assert start["recovered"] == 1 and start["labelled"] == 3
 
 
-def test_backbone_refinement_learns_all_weights_and_restarts_from_the_first_prior(tmp_path, model_file):
+def test_backbone_refinement_learns_all_weights_and_restarts_from_the_same_prior(tmp_path, model_file):
     """With --backbone-steps the trainer refines every MACE weight (old fit frames replayed),
-    conditions the readout posterior again on every label from the prior it started with,
-    stores that prior in the model file, and a restarted trainer takes it from there (real xTB
-    labels, real MACE)."""
+    conditions the readout posterior again on every label from a prior centred at the readout
+    the backbone was refined with (the first prior's covariance), stores that prior in the
+    model file, and a restarted trainer takes it from there (real xTB labels, real MACE)."""
     import numpy as np
     import torch
 
@@ -296,6 +296,10 @@ def test_backbone_refinement_learns_all_weights_and_restarts_from_the_first_prio
 
     tr = Trainer(config())
     try:
+        post = tr.posterior          # as after readout-only updates: the readout knows a label
+        post.condition(post.design(tr._new_frames[:1]), tr._start_mean, tr._start_cov)
+        readout = post.mean.clone()
+        assert not torch.equal(readout, start.mean)
         assert tr.maybe_update()
     finally:
         tr.close()
@@ -305,7 +309,10 @@ def test_backbone_refinement_learns_all_weights_and_restarts_from_the_first_prio
     moved = [k for k, v in refined.backbone.model.state_dict().items()
              if v.is_floating_point() and not torch.equal(v, start.backbone.model.state_dict()[k])]
     assert any(k.startswith("interactions.0.") for k in moved)        # not only the readout
-    torch.testing.assert_close(refined.base_posterior[0], start.mean)  # the first prior, kept
+    # the readout prior from now on: centred at the readout the backbone was refined with,
+    # the first prior's covariance
+    torch.testing.assert_close(refined.base_posterior[0], readout)
+    torch.testing.assert_close(refined.base_posterior[1], start.cov)
     assert force_rmse(refined) < 0.8 * force_rmse(start)
     # the readout is conditioned again on the 3 labels and on the 4 replay frames' energies
     assert refined.provenance["backbone_refined"]
@@ -315,9 +322,9 @@ def test_backbone_refinement_learns_all_weights_and_restarts_from_the_first_prio
     rid = st.add(frames[3], frame_id="f3", origin="flagged")
     st.add_label(rid, *label(ref, frames[3].numbers, frames[3].positions), ref.describe())
     del st
-    tr = Trainer(config())                      # restart: the prior is the first one again
+    tr = Trainer(config())                      # restart: the same prior again
     try:
-        torch.testing.assert_close(tr._start_mean, start.mean)
+        torch.testing.assert_close(tr._start_mean, readout)
         assert tr._redesign and len(tr._new_frames) == 1
         assert tr.maybe_update()
         assert len(tr.store.labelled_frames()) == 4
