@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rarefly.flagging import FlagPolicy
 from rarefly.posterior import load_posterior
 from rarefly.posterior.base import LabelledFrame, update_calibration
 from rarefly.trainer.labelling import ExecutorSpec, Labeller
@@ -251,11 +252,14 @@ class Trainer:
         post = self.posterior
         if int(version) >= post.model_version:
             return None
+        try:
+            policy = FlagPolicy(level=float(level), force_threshold=row.get("flag_force_threshold"))
+        except ValueError:                   # not a criterion the driver could have used
+            return None
         eps = row.get("flag_epsilon") or post.settings.epsilon
         p = post.predict([s])[0]
-        conf = float(post.calibration.energy.confidence(p.extra["energy_sigma_raw"], eps))
-        thr = row.get("flag_force_threshold")
-        if conf < float(level) or (thr is not None and float(np.max(p.forces_sigma)) > float(thr)):
+        p.confidence = conf = float(post.calibration.energy.confidence(p.extra["energy_sigma_raw"], eps))
+        if policy.is_flagged(p):
             return None
         return (f"trusted by model version {post.model_version} (confidence {conf:.3f}; "
                 f"flagged by version {int(version)})")
@@ -280,14 +284,14 @@ class Trainer:
         (:meth:`_learn_late_labels`), or at the next update when the refinement was abandoned
         at a stop. A SIGKILL at any moment loses no finished label, and a restart learns the
         stored ones it finds unused."""
-        post = self.posterior
-        if not self._refining:
-            self._align_if_needed(s, energy)
-        offset = post.offset_energy(s.numbers, 0.0)
-        self.store.add_label(row_id, energy, forces, reference, energy_offset=offset)
         if self._refining:
+            self.store.add_label(row_id, energy, forces, reference,
+                                 energy_offset=self.posterior.offset_energy(s.numbers, 0.0))
             self._stored_unlearned.append((row_id, s, energy, np.asarray(forces)))
             return
+        self._align_if_needed(s, energy)
+        self.store.add_label(row_id, energy, forces, reference,
+                             energy_offset=self.posterior.offset_energy(s.numbers, 0.0))
         self._learn_label(row_id, s, energy, forces)
 
     def _learn_stored(self, **event) -> None:
@@ -310,6 +314,7 @@ class Trainer:
         post = self.posterior
         if not self._stored_unlearned:
             return 0
+        post.condition(self._blocks, self._start_mean, self._start_cov)   # without them
         self._learn_stored(refined=True)
         late, self._new_frames = self._new_frames, []
         update_calibration(post, self._pending_cal, self.cfg.calibration_memory)
@@ -397,7 +402,6 @@ class Trainer:
             # under the refined backbone are small, so the second conditioning moves it little.
             self._start_mean = readout
             self._blocks = self._design_all(frames)  # the features changed: every label again
-            post.condition(self._blocks, self._start_mean, self._start_cov)
             if self.cfg.recalibrate_after_refinement:
                 post.calibration.restart()
             late = self._learn_late_labels()         # the refined model's first residuals
