@@ -547,3 +547,59 @@ def test_a_label_finished_during_a_refinement_is_stored_at_once_and_learned_befo
     finally:
         tr.close()
     assert load_posterior(model).model_version == refined
+
+
+def test_sigusr1_finishes_labels_in_flight_and_the_refinement_due(tmp_path, model_file, child_env):
+    """`rarefly run` sends SIGUSR1 when i-PI has done its steps. The real `rarefly trainer`
+    (Parsl local worker, GFN2-xTB that sleeps) then starts no new reference call, collects the
+    label in flight, runs the backbone refinement that label makes due (a SIGTERM would leave it
+    to a restart) and publishes a model holding every label, then exits 0; frames still queued
+    stay queued for a restart."""
+    from rarefly.model_file import load_model_file
+
+    model = tmp_path / "model.rfly"
+    model.write_bytes(Path(model_file).read_bytes())
+    db, jsonl = tmp_path / "frames.db", tmp_path / "frames.jsonl"
+    endpoint = f"ipc://{tmp_path}/learn"
+    env = dict(child_env, PYTHONPATH=os.pathsep.join(
+        [str(Path(__file__).parent)] + [p for p in [child_env.get("PYTHONPATH")] if p]))
+    steps = 4
+    cmd = [sys.executable, "-m", "rarefly.cli", "trainer", "--model", str(model), "--db", str(db),
+           "--endpoint", endpoint, "--reference", "_ref_calculators:LoggedXTB",
+           "--reference-option", "sleep=2.5", "--executor", "local", "--workers", "1",
+           "--no-align", "--backbone-steps", str(steps), "--backbone-every", "2",
+           "--max-seconds", "120"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        sock = _push(endpoint, _frames(N_FRAMES))
+        # the first label stored (readout update), the second one being computed
+        _wait(lambda: (lambda st: st.count("labelled") == 1 and st.count("labelling") == 1)(
+            [r[0] for r in _db_rows(db)] if db.exists() else []), 60, proc,
+            "one label stored and one in flight")
+        proc.send_signal(signal.SIGUSR1)
+        out, _ = proc.communicate(timeout=90)
+        sock.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid, cmd_line in _parsl_pids(proc.pid):
+            if "parsl" in cmd_line or "process_worker_pool" in cmd_line or "interchange" in cmd_line:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+    assert proc.returncode == 0, out[-4000:]
+    rows = _db_rows(db)
+    states = sorted(r[0] for r in rows)
+    assert states == ["labelled"] * 2 + ["queued"] * (N_FRAMES - 2), rows   # no new call
+    events = _events(jsonl)
+    assert [e["event"] for e in events][-2:] == ["finished", "stop"], events[-3:]
+    assert events[-2]["labels"] == 2 and events[-2]["queued"] == N_FRAMES - 2
+    last = [e for e in events if e["event"] == "publish"][-1]
+    assert last["labels"] == 2 and last["gradient_steps"] == steps, last   # refined, not deferred
+    assert "refinement_deferred" not in last and "refinement_abandoned_after" not in last
+    v = load_model_file(model)
+    assert v["model_version"] == last["model_version"]
+    assert v["provenance"]["trainer_labels"] == 2 and v["provenance"]["backbone_refined"]

@@ -56,6 +56,9 @@ MAX_TRAINER_RESTARTS = 2
 #: and publishes them; conditioning the readout takes about a second per label on a CPU) before
 #: SIGKILL; nothing is lost either way (the database holds every label, a restart learns them)
 TRAINER_STOP_SECONDS = 120.0
+#: how long a run whose MD is done waits for the trainer to finish (SIGUSR1: the labels in
+#: flight, then the update they make due, a backbone refinement too: minutes on a CPU)
+TRAINER_FINISH_SECONDS = 900.0
 #: MD steps on the reference between two generated held-out frames
 HOLDOUT_STRIDE = 40
 
@@ -567,10 +570,14 @@ class OnTheFlyRun:
                 return "wall time", None
             time.sleep(poll)
 
-    def stop(self) -> None:
+    def stop(self, finish: bool = False) -> None:
         """i-PI softly (SIGINT: RESTART written, EXIT sent to the driver), then, once the
         driver has exited (its last frames sent), the trainer (SIGTERM: it stores the frames
-        still queued and the labels already finished, then shuts Parsl down); then wait."""
+        still queued and the labels already finished, then shuts Parsl down); then wait.
+        ``finish`` (i-PI has done its steps): the trainer first gets SIGUSR1 and up to
+        TRAINER_FINISH_SECONDS to collect the labels in flight and publish the update they make
+        due, a backbone refinement included, so the run's last model holds all it learned
+        (with SIGTERM a refinement due is left to a restart); Ctrl-C ends that wait."""
         ipi, driver, trainer = (self.children.get(k) for k in ("ipi", "driver", "trainer"))
         if ipi is not None and ipi.poll() is None:
             ipi.signal(signal.SIGINT)
@@ -583,6 +590,17 @@ class OnTheFlyRun:
                 driver.wait(10.0)
             driver.stop(signal.SIGTERM, grace=10.0)
         if trainer is not None:
+            if finish and trainer.poll() is None and not budget:
+                trainer.signal(signal.SIGUSR1, group=False)
+                if not trainer.wait(5.0):
+                    print(f"rarefly run: i-PI has done its steps; the trainer collects the labels "
+                          f"in flight and publishes the update due (a backbone refinement takes "
+                          f"minutes on a CPU; see {trainer.log}); Ctrl-C stops it sooner",
+                          file=sys.stderr, flush=True)
+                    try:
+                        trainer.wait(TRAINER_FINISH_SECONDS)
+                    except KeyboardInterrupt:
+                        print("\nrarefly run: stopping the trainer", file=sys.stderr, flush=True)
             if trainer.poll() is None and not budget:
                 # to the trainer only: it shuts its Parsl interchange (same group) down itself
                 trainer.signal(signal.SIGTERM, group=False)
@@ -626,7 +644,7 @@ class OnTheFlyRun:
                   file=sys.stderr)
         finally:
             try:
-                self.stop()
+                self.stop(finish=why == "steps done")
             except KeyboardInterrupt:  # a second Ctrl-C: do not leave anything behind
                 for child in self.children.values():
                     child.signal(signal.SIGKILL)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 EPILOG = """\
@@ -12,6 +13,11 @@ they flag (and a small random audit sample) there. Every frame and label goes to
 database (--db); each new label first updates the Student-t calibration with the error of
 the model that had not seen it, then the posterior is refined and published to --model
 (atomic rename), where the drivers pick it up between two force calls.
+
+signals: SIGTERM stops soon (labels already computed are published; a refinement due or
+running is left to the next start). SIGUSR1 finishes: no new reference calls, the labels in
+flight are collected and the update they make due (a refinement too) is published, then the
+trainer exits (`rarefly run` sends it when i-PI has done its steps).
 
 example:
   rarefly trainer --model model.rfly --db run/frames.db --endpoint ipc:///tmp/rarefly-learn \\
@@ -123,6 +129,16 @@ def run(args) -> int:
     from rarefly.trainer.reference import ReferenceError, ReferenceSpec, check_reference
     from rarefly.trainer.selection import SelectionPolicy
 
+    # SIGUSR1: finish (see Trainer.finish); installed first, so that one sent while the model
+    # loads is not the default action (which ends the process) and is honoured once built
+    finishing: dict = {}
+
+    def _finish(signum, frame):  # noqa: ARG001
+        finishing["asked"] = True
+        if "trainer" in finishing:
+            finishing["trainer"].finish()
+
+    signal.signal(signal.SIGUSR1, _finish)
     logging.basicConfig(level=logging.WARNING, format="rarefly trainer: %(message)s", stream=sys.stderr)
     logging.getLogger("rarefly").setLevel(logging.INFO)
     try:
@@ -141,7 +157,9 @@ def run(args) -> int:
                             selection=SelectionPolicy(dedup_tol=args.duplicate_distance,
                                                       min_step_gap=args.min_step_gap,
                                                       rescore_flagged=not args.no_rescore_flagged))
-        trainer = Trainer(cfg)
+        trainer = finishing["trainer"] = Trainer(cfg)
+        if finishing.get("asked"):
+            trainer.finish()
     except (ReferenceError, LabellingError, ValueError, FileNotFoundError) as exc:
         print(f"rarefly trainer: {exc}", file=sys.stderr)
         return 2

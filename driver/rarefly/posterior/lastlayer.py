@@ -39,6 +39,11 @@ from rarefly.posterior.backbone import Backbone
 from rarefly.posterior.base import LabelledFrame, Moments, Posterior, PosteriorSettings
 
 
+#: learning-rate schedules of :meth:`LastLayerPosterior.refine_backbone`: ``constant``, or
+#: ``cosine`` from ``lr`` to 0 over the refinement (as each of the seed paper's SGHMC cycles)
+LR_SCHEDULES = ("constant", "cosine")
+
+
 def _graph_sum(x: torch.Tensor, batch: torch.Tensor, num_graphs: int) -> torch.Tensor:
     out = torch.zeros((num_graphs,) + x.shape[1:], dtype=x.dtype, device=x.device)
     return out.index_add(0, batch, x)
@@ -218,7 +223,8 @@ class LastLayerPosterior(Posterior):
     def refine_backbone(self, frames: Sequence[LabelledFrame], steps: int, lr: float = 1e-3,
                         batch_size: int = 4, anchor: dict | None = None, seed: int = 0,
                         progress: bool = False, replay: Sequence[LabelledFrame] = (),
-                        between_steps: Callable[[], bool | None] | None = None) -> dict:
+                        between_steps: Callable[[], bool | None] | None = None,
+                        lr_schedule: str = "constant") -> dict:
         """Adam steps on *all* MACE weights (the readout's energy given by the posterior mean)
         against the energies and forces of ``frames``, weighted by the fit's noise levels, with
         a Gaussian anchor of width ``settings.prior_sigma`` around ``anchor`` (name -> tensor;
@@ -246,6 +252,9 @@ class LastLayerPosterior(Posterior):
         for p in params:
             p.requires_grad_(True)
         opt = torch.optim.Adam(params, lr=lr)
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"unknown refinement learning-rate schedule {lr_schedule!r}; "
+                             f"choose one of {', '.join(LR_SCHEDULES)}")
         se, sf = self.fit_noise
         rng = np.random.default_rng(seed + self.model_version)
         mean = self.mean.detach()
@@ -261,7 +270,10 @@ class LastLayerPosterior(Posterior):
         loss_val = float("nan")
         done = 0
         try:
-            for _step in tqdm(range(steps), desc="backbone", unit="step", disable=not progress):
+            for step in tqdm(range(steps), desc="backbone", unit="step", disable=not progress):
+                if lr_schedule == "cosine":
+                    for g in opt.param_groups:
+                        g["lr"] = 0.5 * lr * (1.0 + np.cos(np.pi * step / steps))
                 idx = rng.choice(N, size=B_new, replace=False)
                 if B_old:
                     idx = np.concatenate([idx, N + rng.choice(R, size=B_old, replace=False)])

@@ -119,6 +119,9 @@ class Trainer:
         run_dir = Path(cfg.database).parent / "parsl"
         self.labeller = Labeller(cfg.reference, cfg.executor, str(run_dir))
         self._stop = False
+        #: SIGUSR1 (`rarefly run` when i-PI has done its steps): no new reference calls; the
+        #: labels in flight are collected, the update due (a refinement too) is published, exit
+        self._finishing = False
         self._t_end: float | None = None       # --max-seconds, as a time.time() deadline
         self._new_frames: list[LabelledFrame] = []
         self._refining = False                 # inside refine_backbone: labels only stored
@@ -204,7 +207,7 @@ class Trainer:
         flags it (audit frames always are: they measure the calibration)."""
         budget = self.cfg.max_labels
         free = self.cfg.selection.max_in_flight - len(self._in_flight)
-        if free <= 0:
+        if free <= 0 or self._finishing:
             return
         asked = 0
         # not during a refinement: a half-refined model gives no verdict, and the labels that
@@ -516,10 +519,14 @@ class Trainer:
                 self.select_and_submit()
                 self.collect()
                 self.maybe_update()
+                settled = not self._in_flight and self._new_since_update == 0 and not self._stored_unlearned
                 if self.cfg.max_labels is not None and self.labels_done() >= self.cfg.max_labels \
-                        and not self._in_flight and self._new_since_update == 0 \
-                        and not self._stored_unlearned:
+                        and settled:
                     self._event("budget", labels=self.labels_done())
+                    break
+                if self._finishing and settled:
+                    self._event("finished", labels=self.labels_done(),
+                                queued=self.store.count(state="queued"))
                     break
             else:
                 self._wind_down()
@@ -527,6 +534,17 @@ class Trainer:
             signal.signal(signal.SIGTERM, old)
             self.close()
         return 0
+
+    def finish(self) -> None:
+        """End the run without losing work (`rarefly trainer` on SIGUSR1, which `rarefly run`
+        sends when i-PI has done its steps): no new reference calls (queued frames stay queued
+        for a restart), the labels in flight are collected, the update they make due is
+        published (a backbone refinement too, unlike a SIGTERM), then :meth:`run` returns.
+        Safe to call from a signal handler, and more than once."""
+        if not self._finishing:
+            self._finishing = True
+            log.info("asked to finish: no new reference calls; %d in flight, then the update due",
+                     len(self._in_flight))
 
     def _wind_down(self, seconds: float = STOP_DRAIN_SECONDS) -> None:
         """On SIGTERM or --max-seconds: store the frames still queued in zmq (a driver's last
