@@ -282,3 +282,25 @@ def test_backbone_refinement_replays_old_frames_in_every_batch(monkeypatch):
     after = post.backbone.model.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before if before[k].is_floating_point())
     assert not any(p.requires_grad for p in post.backbone.model.parameters())
+
+
+def test_backbone_refinement_cosine_schedule_anneals_the_learning_rate(monkeypatch):
+    """lr_schedule="cosine": the Adam step size falls from lr to 0 over the refinement (read
+    off the optimiser at each step); an unknown schedule is one sentence naming the choices."""
+    post = LastLayerPosterior.from_foundation(Backbone(random_mace()), PosteriorSettings())
+    rates = []
+    real_step = torch.optim.Adam.step
+
+    def spy(self, *a, **k):
+        rates.append(self.param_groups[0]["lr"])
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", spy)
+    post.refine_backbone(_frames(3), 4, lr=1e-3, lr_schedule="cosine")
+    assert rates == pytest.approx([1e-3, 0.5e-3 * (1 + np.cos(np.pi / 4)), 0.5e-3,
+                                   0.5e-3 * (1 + np.cos(3 * np.pi / 4))])
+    rates.clear()
+    post.refine_backbone(_frames(3), 3, lr=1e-3)
+    assert rates == [1e-3] * 3
+    with pytest.raises(ValueError, match="unknown refinement learning-rate schedule 'step'.*cosine"):
+        post.refine_backbone(_frames(3), 3, lr_schedule="step")
