@@ -717,7 +717,9 @@ example:
 The configuration is documented in examples/onthefly/README.md (and rarefly/run_config.py).
 Stops when i-PI has done [system] steps, when [budget] max_reference_calls labels are in the
 database, after [budget] wall_time, or on Ctrl-C; then writes report.md in the output
-directory. Exit status: 0 done, 1 a process failed, 2 bad configuration, 130 interrupted.
+directory. When the steps are done the trainer first finishes: it collects the labels in
+flight and publishes the update they make due (a backbone refinement takes minutes on a
+CPU; Ctrl-C cuts that short and --restart does it later). Exit status: 0 done, 1 a process failed, 2 bad configuration, 130 interrupted.
 """
 
 
