@@ -124,13 +124,9 @@ def _options(items):
 
 
 def run(args) -> int:
-    from rarefly.trainer.labelling import ExecutorSpec, LabellingError
-    from rarefly.trainer.loop import Trainer, TrainerConfig
-    from rarefly.trainer.reference import ReferenceError, ReferenceSpec, check_reference
-    from rarefly.trainer.selection import SelectionPolicy
-
-    # SIGUSR1: finish (see Trainer.finish); installed first, so that one sent while the model
-    # loads is not the default action (which ends the process) and is honoured once built
+    # SIGUSR1: finish (see Trainer.finish); installed first, so that one sent while torch and
+    # the model load does not take the default action (ending the process) and is honoured
+    # once the trainer is built
     finishing: dict = {}
 
     def _finish(signum, frame):  # noqa: ARG001
@@ -139,6 +135,11 @@ def run(args) -> int:
             finishing["trainer"].finish()
 
     signal.signal(signal.SIGUSR1, _finish)
+    from rarefly.trainer.labelling import ExecutorSpec, LabellingError
+    from rarefly.trainer.loop import Trainer, TrainerConfig
+    from rarefly.trainer.reference import ReferenceError, ReferenceSpec, check_reference
+    from rarefly.trainer.selection import SelectionPolicy
+
     logging.basicConfig(level=logging.WARNING, format="rarefly trainer: %(message)s", stream=sys.stderr)
     logging.getLogger("rarefly").setLevel(logging.INFO)
     try:

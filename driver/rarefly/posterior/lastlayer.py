@@ -245,6 +245,9 @@ class LastLayerPosterior(Posterior):
 
         if not frames:
             raise ValueError("no labelled frames to refine the backbone on")
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"unknown refinement learning-rate schedule {lr_schedule!r}; "
+                             f"choose one of {', '.join(LR_SCHEDULES)}")
         model = self.backbone.model
         named = [(k, p) for k, p in model.named_parameters() if p.is_floating_point()]
         center = {k: (anchor[k] if anchor and k in anchor else p.detach().clone()) for k, p in named}
@@ -252,9 +255,6 @@ class LastLayerPosterior(Posterior):
         for p in params:
             p.requires_grad_(True)
         opt = torch.optim.Adam(params, lr=lr)
-        if lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"unknown refinement learning-rate schedule {lr_schedule!r}; "
-                             f"choose one of {', '.join(LR_SCHEDULES)}")
         se, sf = self.fit_noise
         rng = np.random.default_rng(seed + self.model_version)
         mean = self.mean.detach()
