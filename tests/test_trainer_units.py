@@ -273,7 +273,7 @@ def test_rate_cap_labels_one_flagged_frame_per_step_window_and_survives_a_restar
         t.cfg = SimpleNamespace(max_labels=None,
                                 selection=SelectionPolicy(max_in_flight=100, min_step_gap=gap))
         t.store, t.dedup, t.labeller, t._in_flight = store, Deduplicator(0.0), Labeller(), {}
-        t._refining = False
+        t._refining = t._finishing = False
         t.rate_cap = RateCap(gap, store.rows(state="labelled"))   # as Trainer.__init__ does
         t.labels_done = lambda: 0
         return t
@@ -333,7 +333,7 @@ def test_trainer_keeps_reference_workers_busy_during_a_refinement(tmp_path):
     t.store, t.dedup, t.rate_cap = FrameStore(tmp_path / "frames.db"), Deduplicator(0.0), RateCap(0)
     t.posterior = SimpleNamespace(offset_energy=lambda numbers, energy: energy)
     t.sock = _pull(endpoint)
-    t._stop, t._t_end = False, None                 # not stopping: the refinement goes on
+    t._stop, t._t_end, t._finishing = False, None, False   # not stopping: the refinement goes on
     t._refining, t._stored_unlearned = True, []
     done = Future()
     done.set_result((-1.0, np.zeros((3, 3))))
@@ -402,7 +402,7 @@ def test_a_flagged_frame_is_labelled_only_while_the_trainers_model_still_flags_i
         t.posterior = SimpleNamespace(model_version=5, predict=predict,
                                       settings=SimpleNamespace(epsilon=1.0),
                                       calibration=SimpleNamespace(energy=ScaleCalibration(a=50.0, b=50.0)))
-        t._refining, t._in_flight = False, {}
+        t._refining, t._finishing, t._in_flight = False, False, {}
         t.labeller = SimpleNamespace(submit=lambda s: Future())
         crit = {"flag_level": 0.95, "flag_epsilon": 0.2, "flag_force_threshold": None}
         for name, x, sigma, version, extra in [
