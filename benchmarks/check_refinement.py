@@ -135,7 +135,7 @@ def main() -> int:
         fit_noise = post.fit_noise
         if kw["energy_noise"] is not None:
             post.fit_noise = (kw["energy_noise"], fit_noise[1])
-        ft = post.refine_backbone(labels, kw["steps"], lr=kw["lr"], anchor=anchor, replay=replay,
+        post.refine_backbone(labels, kw["steps"], lr=kw["lr"], anchor=anchor, replay=replay,
                                   lr_schedule=kw["lr_schedule"])
         post.fit_noise = fit_noise
         refined_readout = post.mean.detach().clone()
@@ -146,7 +146,6 @@ def main() -> int:
         post.condition(post.add_blocks(blocks, post.design(replay, forces=False)),
                        refined_readout, start_cov)
         row("  + readout on labels, replay energies", post)
-        del ft
     print(f"total {time.time() - t0:.0f} s")
     return 0
 
