@@ -136,7 +136,7 @@ def main() -> int:
         if kw["energy_noise"] is not None:
             post.fit_noise = (kw["energy_noise"], fit_noise[1])
         post.refine_backbone(labels, kw["steps"], lr=kw["lr"], anchor=anchor, replay=replay,
-                                  lr_schedule=kw["lr_schedule"])
+                             lr_schedule=kw["lr_schedule"])
         post.fit_noise = fit_noise
         refined_readout = post.mean.detach().clone()
         row(f"refined {text} ({time.time() - t1:.0f} s)", post)
