@@ -719,7 +719,8 @@ Stops when i-PI has done [system] steps, when [budget] max_reference_calls label
 database, after [budget] wall_time, or on Ctrl-C; then writes report.md in the output
 directory. When the steps are done the trainer first finishes: it collects the labels in
 flight and publishes the update they make due (a backbone refinement takes minutes on a
-CPU; Ctrl-C cuts that short and --restart does it later). Exit status: 0 done, 1 a process failed, 2 bad configuration, 130 interrupted.
+CPU; Ctrl-C cuts that short and --restart does it later).
+Exit status: 0 done, 1 a process failed, 2 bad configuration, 130 interrupted.
 """
 
 
