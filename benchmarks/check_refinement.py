@@ -42,17 +42,20 @@ KCAL = 0.0433641043  # eV
 
 
 def parse_variant(text: str) -> dict:
-    """``lr=3e-4,cosine,steps=150[,fitreadout][,enoise=0.17]`` -> refinement settings
+    """``lr=3e-4,cosine,steps=150[,fitreadout][,joint][,enoise=0.17]`` -> refinement settings
     (``fitreadout``: refined with the start model's readout instead of the one conditioned
-    on the labels; ``enoise``: the energy noise of the refinement's loss in eV instead of the
-    fit's, so that energies weigh less against forces)."""
+    on the labels; ``joint``: the readout trained with the other weights; ``enoise``: the
+    energy noise of the refinement's loss in eV instead of the fit's, so that energies weigh
+    less against forces)."""
     out = {"lr": 1e-3, "lr_schedule": "constant", "steps": 150, "from_start": False,
-           "energy_noise": None}
+           "energy_noise": None, "train_readout": False}
     for part in filter(None, text.split(",")):
         if part in ("cosine", "constant"):
             out["lr_schedule"] = part
         elif part == "fitreadout":     # refine with the start model's readout, not the labels'
             out["from_start"] = True
+        elif part == "joint":          # the readout trained with the other weights
+            out["train_readout"] = True
         elif "=" in part:
             k, v = part.split("=", 1)
             if k not in ("lr", "steps", "enoise"):
@@ -136,7 +139,7 @@ def main() -> int:
         if kw["energy_noise"] is not None:
             post.fit_noise = (kw["energy_noise"], fit_noise[1])
         post.refine_backbone(labels, kw["steps"], lr=kw["lr"], anchor=anchor, replay=replay,
-                             lr_schedule=kw["lr_schedule"])
+                             lr_schedule=kw["lr_schedule"], train_readout=kw["train_readout"])
         post.fit_noise = fit_noise
         refined_readout = post.mean.detach().clone()
         row(f"refined {text} ({time.time() - t1:.0f} s)", post)

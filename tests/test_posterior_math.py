@@ -304,3 +304,17 @@ def test_backbone_refinement_cosine_schedule_anneals_the_learning_rate(monkeypat
     assert rates == [1e-3] * 3
     with pytest.raises(ValueError, match="unknown refinement learning-rate schedule 'step'.*cosine"):
         post.refine_backbone(_frames(3), 3, lr_schedule="step")
+
+
+def test_backbone_refinement_trains_the_readout_only_when_asked():
+    """train_readout=True: the readout's posterior mean moves with the other weights (the
+    energy's constant for a fixed composition can change) and is the new posterior mean, the
+    covariance kept; by default the posterior mean is left exactly as it was."""
+    post = LastLayerPosterior.from_foundation(Backbone(random_mace()), PosteriorSettings())
+    mean0, cov0 = post.mean.clone(), post.cov.clone()
+    post.refine_backbone(_frames(3), 3, lr=1e-3)
+    assert torch.equal(post.mean, mean0)
+    post.refine_backbone(_frames(3), 3, lr=1e-3, train_readout=True)
+    assert not torch.equal(post.mean, mean0) and not post.mean.requires_grad
+    assert float((post.mean - mean0).abs().max()) <= 1.01 * 3e-3   # Adam: about lr per step at most
+    torch.testing.assert_close(post.cov, cov0)

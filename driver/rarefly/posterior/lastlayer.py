@@ -224,7 +224,7 @@ class LastLayerPosterior(Posterior):
                         batch_size: int = 4, anchor: dict | None = None, seed: int = 0,
                         progress: bool = False, replay: Sequence[LabelledFrame] = (),
                         between_steps: Callable[[], bool | None] | None = None,
-                        lr_schedule: str = "constant") -> dict:
+                        lr_schedule: str = "constant", train_readout: bool = False) -> dict:
         """Adam steps on *all* MACE weights (the readout's energy given by the posterior mean)
         against the energies and forces of ``frames``, weighted by the fit's noise levels, with
         a Gaussian anchor of width ``settings.prior_sigma`` around ``anchor`` (name -> tensor;
@@ -238,8 +238,11 @@ class LastLayerPosterior(Posterior):
         (``benchmarks/bench_onthefly.out``). ``between_steps``: called after every step (the
         trainer keeps its reference workers busy meanwhile); when it returns True the
         refinement ends after that step (a trainer asked to stop: every Adam step leaves a
-        valid model). Returns the gradient steps taken, whether it stopped early, and the last
-        loss per frame.
+        valid model). ``train_readout``: the readout's posterior mean is trained with the other
+        weights (same anchor width around its value before this call) and becomes the
+        posterior mean; otherwise it stays fixed, and so does the energy's constant for a fixed
+        composition (the element one-hot features do not depend on the weights). Returns the
+        gradient steps taken, whether it stopped early, and the last loss per frame.
         """
         from rarefly.graph import build_graph
 
@@ -254,11 +257,15 @@ class LastLayerPosterior(Posterior):
         params = [p for _, p in named]
         for p in params:
             p.requires_grad_(True)
-        opt = torch.optim.Adam(params, lr=lr)
         se, sf = self.fit_noise
         rng = np.random.default_rng(seed + self.model_version)
-        mean = self.mean.detach()
+        mean = self.mean.detach().clone()
+        mean_center = mean.clone()
+        if train_readout:
+            mean.requires_grad_(True)
+            params = params + [mean]
         dt, dev = self.dtype, self.device
+        opt = torch.optim.Adam(params, lr=lr)
         replay = list(replay)
         pool = list(frames) + replay
         N, R = len(frames), len(replay)
@@ -287,6 +294,8 @@ class LastLayerPosterior(Posterior):
                 ref_f = torch.as_tensor(np.concatenate([f.forces for f in sub]), dtype=dt, device=dev)
                 loss = ((((e - ref_e) / se) ** 2).sum() + (((-dE - ref_f) / sf) ** 2).sum()) / B
                 loss = loss + prior_w * sum(((p - center[k]) ** 2).sum() for k, p in named)
+                if train_readout:
+                    loss = loss + prior_w * ((mean - mean_center) ** 2).sum()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -298,6 +307,8 @@ class LastLayerPosterior(Posterior):
             for p in params:
                 p.requires_grad_(False)
                 p.grad = None
+            if train_readout and done:
+                self.set_posterior(mean.detach(), self.cov)
         return {"gradient_steps": done, "stopped_early": done < steps,
                 "backbone_loss_per_frame": loss_val}
 
