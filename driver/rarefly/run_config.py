@@ -133,7 +133,9 @@ class LearningConfig:
     backbone_steps: int = 0
     """lastlayer models: Adam steps on all MACE weights every ``backbone_every`` labels, after
     which the readout posterior is conditioned on every label again (default 0: readout-only
-    learning, exact and fast; 100-300 let the model learn what its readout cannot)."""
+    learning, exact and fast; a few hundred to 1500 let the model learn what its readout
+    cannot: on alanine dipeptide 1500 at lr 1e-3 beat 150, benchmarks/bench_onthefly.out run
+    28)."""
     backbone_every: int = 10
     """Labels between backbone refinements (default 10)."""
     backbone_replay: Path | None = None
