@@ -48,13 +48,17 @@ def _frames(n=6):
     return out
 
 
-@pytest.fixture(scope="module", params=["lastlayer", "lastlayer_rank0", "sghmc"])
+@pytest.fixture(scope="module", params=["lastlayer", "lastlayer_rank0", "lastlayer_misfit", "sghmc"])
 def posterior(request):
     bb = Backbone(random_mace())
     if request.param.startswith("lastlayer"):
-        rank = 0 if request.param.endswith("rank0") else 64  # 64 >= features: exact force variance
+        rank = 64 if request.param == "lastlayer" else 0  # 64 >= features: exact force variance
         post = LastLayerPosterior.from_foundation(bb, PosteriorSettings(), rank=rank)
         post.fit(_frames())
+        if request.param.endswith("misfit"):
+            # ethanol atoms near and beyond the fitted ones, water's far (the periodic case):
+            # the FD checks cross all three pieces of the smoothed ramp
+            post.fit_density(_frames())
     else:
         post = SGHMCPosterior(bb, PosteriorSettings(), SGHMCConfig(num_samples=3, cycle_steps=6, batch_size=2))
         post.fit(_frames())
@@ -222,6 +226,58 @@ def test_lastlayer_learns_and_shrinks_uncertainty():
     prior.fit(frames)
     after = prior.predict([frames[0].structure])[0].extra["energy_sigma_raw"]
     assert after < before
+
+
+def test_feature_density_adds_exactly_and_measures_distance_from_the_fitted_atoms():
+    """The density's sums take atoms in any batches alike; a fitted atom is about 1 away
+    (d^2 per feature), a far one much further; the ramp and its slope are continuous."""
+    from rarefly.posterior.feature_density import FeatureDensity, smooth_ramp
+
+    rng = np.random.default_rng(0)
+    x = torch.as_tensor(rng.normal(size=(400, 5)) * [1.0, 2.0, 0.5, 3.0, 1.0] + 4.0)
+    el = torch.as_tensor(rng.integers(0, 2, size=400))
+    one, two = FeatureDensity(3, 5), FeatureDensity(3, 5)
+    one.add(x, el)
+    two.add(x[:150], el[:150])
+    two.add(x[150:], el[150:])
+    for k in ("count", "total", "outer"):
+        torch.testing.assert_close(getattr(one, k), getattr(two, k))
+    d2 = one.squared_distance(x, el)
+    assert 0.9 < float(d2.mean()) <= 1.0                       # the ridge pulls it just below 1
+    far = one.squared_distance(x[:4] + 20.0, el[:4])
+    assert float(far.min()) > 10.0
+    assert float(one.squared_distance(x[:3], torch.tensor([2, 2, 2])).abs().max()) == 0.0  # never seen
+    again = FeatureDensity.from_dict(one.to_dict())
+    torch.testing.assert_close(again.squared_distance(x, el), d2)
+    t = torch.tensor([-0.5, 0.0, 0.5, 1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    v = smooth_ramp(t)
+    (g,) = torch.autograd.grad(v.sum(), t)
+    torch.testing.assert_close(v.detach(), torch.tensor([0.0, 0.0, 0.125, 0.5, 1.5], dtype=torch.float64))
+    torch.testing.assert_close(g, torch.tensor([0.0, 0.0, 0.5, 1.0, 1.0], dtype=torch.float64))
+
+
+def test_misfit_variance_holds_the_fit_misfit_and_grows_away_from_the_fitted_frames():
+    """With a feature density the raw energy variance is the weight variance plus
+    s_E^2 (1 + excess): at least the fit's energy misfit, more for a distorted molecule than
+    for one like the fitted frames, and without a density exactly the weight variance."""
+    post = LastLayerPosterior.from_foundation(Backbone(random_mace(seed=2)), PosteriorSettings())
+    frames = _frames(8)
+    post.fit(frames)
+    near, far = _molecule(seed=99), _molecule()
+    far.positions[0] += [0.45, -0.3, 0.2]                    # a C-C bond stretched
+    plain = [p.extra["energy_sigma_raw"] for p in post.predict([near, far])]
+    post.fit_density(frames)
+    s_e = post.fit_noise[0]
+    with_misfit = [p.extra["energy_sigma_raw"] for p in post.predict([near, far])]
+    for p, m in zip(plain, with_misfit):
+        assert m ** 2 >= p ** 2 + s_e ** 2 * (1 - 1e-9)
+    excess = [(m ** 2 - p ** 2) / s_e ** 2 - 1 for p, m in zip(plain, with_misfit)]
+    assert excess[1] > 5 * max(excess[0], 0.1)
+    post.density = None
+    assert [p.extra["energy_sigma_raw"] for p in post.predict([near, far])] == pytest.approx(plain, rel=1e-12)
+    with pytest.raises(ValueError, match="lastlayer"):
+        from rarefly.posterior import build_posterior
+        build_posterior("small", "sghmc", frames, misfit_variance=True)
 
 
 def test_lastlayer_design_jacobian_matches_autograd_jacobian():

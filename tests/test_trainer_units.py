@@ -798,3 +798,52 @@ def test_model_watcher_swaps_atomically_replaced_file_and_keeps_model_on_garbage
     assert w() is new
     _model(path, 3)
     assert w().model_version == 3 and w.swaps == 2
+
+
+def test_trainer_adds_learned_frames_to_the_feature_density_and_rebuilds_it_after_a_refinement(tmp_path):
+    """A model with the misfit variance: labels the readout learns join the density; after a
+    refinement the density is rebuilt from the replay frames and the labels (the features
+    changed), or kept, with an event that says why, when there are too few of them."""
+    from rarefly.posterior.backbone import Backbone
+    from rarefly.posterior.base import LabelledFrame, PosteriorSettings
+    from rarefly.posterior.lastlayer import LastLayerPosterior
+    from rarefly.trainer.loop import Trainer
+
+    from _models import random_mace
+
+    rng = np.random.default_rng(0)
+
+    def frame(k):
+        s = _ethanol()
+        return LabelledFrame(Structure(s.numbers, s.positions + rng.normal(0, 0.05, s.positions.shape)),
+                             -4100.0 + 0.01 * k, rng.normal(0, 0.3, s.positions.shape))
+
+    post = LastLayerPosterior.from_foundation(Backbone(random_mace()), PosteriorSettings())
+    replay = [frame(k) for k in range(30)]
+    post.fit_density(replay)
+    atoms = len(replay[0].structure.numbers)
+    t = Trainer.__new__(Trainer)
+    t.posterior, t._replay, t.events_path = post, replay, tmp_path / "events.jsonl"
+    labels = [frame(100 + k) for k in range(3)]
+    t._add_to_density(labels)
+    assert float(post.density.count.sum()) == 33 * atoms
+    before = post.density.mean.clone()
+    with torch_no_grad():
+        for p in post.backbone.model.parameters():     # "refined": the features change
+            p.add_(0.01)
+    t._rebuild_density(labels)
+    assert float(post.density.count.sum()) == 33 * atoms
+    assert not np.allclose(post.density.mean.numpy(), before.numpy())
+    t._replay = []                                     # 3 labels: too few for 16 features
+    kept = post.density
+    t._rebuild_density(labels)
+    assert post.density is kept
+    events = [json.loads(line) for line in t.events_path.read_text().splitlines()]
+    assert [e["event"] for e in events] == ["density_rebuilt", "density_kept"]
+    assert "backbone_replay" in events[-1]["reason"]
+
+
+def torch_no_grad():
+    import torch
+
+    return torch.no_grad()

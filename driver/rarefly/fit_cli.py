@@ -17,6 +17,8 @@ examples:
       --calibration-data driver/rarefly/data/foundation_valid.xyz -o model.rfly
   # fine-tune all weights first (300 Adam steps), then the last-layer posterior on top
   rarefly fit --foundation small --data my_frames.xyz --finetune-steps 300 -o model.rfly
+  # the same, with the misfit term in the energy variance (sigma_E grows away from the data)
+  rarefly fit --foundation small --data my_frames.xyz --finetune-steps 300 --misfit-variance -o model.rfly
   # all-weights posterior by cyclical SGHMC (8 samples), MACE-MP-0 small (needs the internet once)
   rarefly fit --foundation mace-mp-0:small --data dft.extxyz --kind sghmc -o model.rfly
 """
@@ -47,6 +49,12 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="lastlayer: fine-tune all MACE weights on --data for N Adam steps "
                         "(anchored to the foundation weights) before the readout posterior is "
                         "fitted on the fine-tuned features (default 0: the foundation's features)")
+    p.add_argument("--misfit-variance", action="store_true",
+                   help="lastlayer: keep the density of the fitted atoms' readout features and add "
+                        "the fit's misfit to the energy variance, growing where an atom's features "
+                        "leave the fitted ones; without it sigma_E holds the readout weights' "
+                        "uncertainty only, which can be the same on every frame of a well-fitted "
+                        "molecule (then the calibration cannot tell near from far frames)")
     p.add_argument("--finetune-lr", type=float, default=1e-3, help="Adam learning rate of --finetune-steps")
     p.add_argument("--samples", type=int, default=8, help="sghmc: posterior samples (chains)")
     p.add_argument("--cycle-steps", type=int, default=200, help="sghmc: gradient steps per cycle")
@@ -85,7 +93,8 @@ def run(args) -> int:
                                                  "for calibration (give --calibration-data to use all)"))
         post = build_posterior(args.foundation, args.kind, frames, cal, settings, dtype=args.dtype,
                                progress=True, align_energies=args.align_energies,
-                               finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr, **opts)
+                               finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr,
+                               misfit_variance=args.misfit_variance, **opts)
     except (DataError, FoundationError, ValueError) as exc:
         print(f"rarefly fit: {exc}", file=sys.stderr)
         return 2

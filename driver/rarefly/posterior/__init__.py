@@ -71,13 +71,18 @@ def load_posterior(path, device: str = "cpu", epsilon: float | None = None,
 def build_posterior(foundation: str, kind: str, frames, calibration_frames=None,
                     settings: PosteriorSettings | None = None, dtype: str = "float64",
                     progress: bool = False, align_energies: bool = False, finetune_steps: int = 0,
-                    finetune_lr: float = 1e-3, **kind_options) -> Posterior:
+                    finetune_lr: float = 1e-3, misfit_variance: bool = False,
+                    **kind_options) -> Posterior:
     """Create, fit and calibrate a posterior: what ``rarefly fit`` does.
 
     finetune_steps (lastlayer): fit the readout posterior, fine-tune *all* MACE weights on
     ``frames`` for this many Adam steps (anchored to the foundation weights, see
     :meth:`LastLayerPosterior.refine_backbone`), then fit the readout posterior again on the
     fine-tuned features: a fine-tuned model with a last-layer posterior.
+
+    misfit_variance (lastlayer): the density of the fitted atoms' readout features is kept in
+    the model, and the energy variance holds the fit's misfit, growing where the features
+    leave the fitted ones (:mod:`rarefly.posterior.feature_density`).
 
     calibration_frames: held-out frames whose residuals set the Student-t calibration; when
     None, the last fifth of ``frames`` is held out for it (and not fitted). An uncalibrated
@@ -86,7 +91,10 @@ def build_posterior(foundation: str, kind: str, frames, calibration_frames=None,
     """
     from rarefly.posterior.base import update_calibration
 
-    if finetune_steps and kind != "lastlayer":
+    if (finetune_steps or misfit_variance) and kind != "lastlayer":
+        if misfit_variance:
+            raise ValueError("the misfit variance is for lastlayer posteriors; sghmc's variance "
+                             "across samples already covers all weights")
         raise ValueError("fine-tuning before the fit is for lastlayer posteriors; sghmc "
                          "samples all weights itself")
     frames = list(frames)
@@ -101,6 +109,8 @@ def build_posterior(foundation: str, kind: str, frames, calibration_frames=None,
         ft = post.refine_backbone(frames, finetune_steps, lr=finetune_lr, progress=progress)
         stats = {**post.fit(frames, progress=progress), "finetune_steps": finetune_steps,
                  "finetune_loss_per_frame": ft["backbone_loss_per_frame"]}
+    if misfit_variance:
+        post.fit_density(frames)
     if calibration_frames:
         update_calibration(post, list(calibration_frames))
     post.model_version = 1

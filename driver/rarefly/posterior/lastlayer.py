@@ -25,6 +25,12 @@ paper's aleatoric 0.1 epsilon: the misfit is a scale the Student-t calibration l
 sigma_E keeps the epistemic variation that makes it useful as a collective variable (with
 the misfit inside it, sigma_E would be nearly constant). The predictive force variance adds
 the fitted force noise (the paper's aleatoric force term).
+
+Misfit variance (``rarefly fit --misfit-variance``): with a :class:`FeatureDensity` of the
+fitted atoms' readout features, the energy variance also holds the fit's misfit, scaled by how
+far each atom's features lie from the fitted ones (see :mod:`rarefly.posterior.feature_density`
+for the form, and why: after a backbone refinement the weight variance alone was the same on
+every frame). Its gradient goes into the same backward pass as the epistemic variance's.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from tqdm import tqdm
 
 from rarefly.posterior.backbone import Backbone
 from rarefly.posterior.base import LabelledFrame, Moments, Posterior, PosteriorSettings
+from rarefly.posterior.feature_density import FeatureDensity
 
 
 #: learning-rate schedules of :meth:`LastLayerPosterior.refine_backbone`: ``constant``, or
@@ -54,8 +61,10 @@ class LastLayerPosterior(Posterior):
 
     def __init__(self, backbone: Backbone, settings: PosteriorSettings, mean: torch.Tensor,
                  cov: torch.Tensor, rank: int = 0, fit_noise: tuple[float, float] | None = None,
-                 local_reference: float = 0.0, **kw):
+                 local_reference: float = 0.0, density: FeatureDensity | None = None, **kw):
         super().__init__(backbone, settings, **kw)
+        #: readout-feature density of the fitted atoms: the misfit term of the energy variance
+        self.density = density
         #: mean phi_i^T Sigma phi_i over the fitted atoms (rank-0 force variance)
         self.local_reference = float(local_reference)
         #: (energy eV, force eV/A) noise of the likelihood
@@ -89,12 +98,21 @@ class LastLayerPosterior(Posterior):
         energy = fixed + Phi @ self.mean
         c = (Phi @ self.cov).detach()                             # Sigma Phi, (G, D)
         var_epi = (Phi.detach() * c).sum(-1)
+        want_gv = self.sigma_gradient
+        misfit = self._misfit_variance(phi, data["batch"], G) if self.density is not None else None
         inputs = [positions] + ([strain] if strain is not None else [])
         # plain backward passes: faster than one vmapped (is_grads_batched) pass on CPU
-        want_gv = self.sigma_gradient
         g_e = torch.autograd.grad(energy.sum(), inputs, retain_graph=want_gv or self.rank > 0)
-        g_v = (torch.autograd.grad(2.0 * (Phi * c).sum(), inputs, retain_graph=self.rank > 0)
-               if want_gv else (None, None))
+        if want_gv:
+            target = 2.0 * (Phi * c).sum() + (0.0 if misfit is None else misfit.sum())
+            g_v = torch.autograd.grad(target, inputs, retain_graph=self.rank > 0, allow_unused=True)
+            g_v = tuple(torch.zeros_like(x) if g is None else g for g, x in zip(g_v, inputs))
+            if strain is None:
+                g_v = (g_v[0], None)
+        else:
+            g_v = (None, None)
+        if misfit is not None:
+            var_epi = var_epi + misfit.detach()
         if self.rank > 0:
             var_f = torch.zeros_like(positions)
             for j, r in enumerate(self._lowrank):
@@ -113,6 +131,33 @@ class LastLayerPosterior(Posterior):
             strain_grad_var_energy=None if strain is None else g_v[1],
             var_forces=var_f,
         )
+
+    def _misfit_variance(self, phi: torch.Tensor, batch: torch.Tensor, G: int) -> torch.Tensor:
+        """``s_E^2 (1 + sum_i h(d_i^2 - 1))`` per graph (see :mod:`~rarefly.posterior.feature_density`)."""
+        F = self.density.num_features
+        excess = self.density.excess(phi[:, :F], phi[:, F:].argmax(-1))
+        return self.fit_noise[0] ** 2 * (1.0 + _graph_sum(excess, batch, G))
+
+    @torch.no_grad()
+    def fit_density(self, frames: Sequence[LabelledFrame], add: bool = False) -> int:
+        """The readout-feature density of the atoms of ``frames`` (forward passes only), which
+        switches the misfit term of the energy variance on; ``add``: added to the density this
+        model has. Returns the number of atoms added."""
+        from rarefly.graph import build_graph
+
+        F = self.backbone.num_features - self.backbone.num_elements
+        dens = self.density if (add and self.density is not None) else \
+            FeatureDensity(self.backbone.num_elements, F)
+        n = 0
+        for i in range(0, len(frames), 16):
+            sub = frames[i:i + 16]
+            data = build_graph([f.structure for f in sub], self.r_max, self.atomic_numbers,
+                               self.dtype, self.device)
+            phi = self.backbone(data, data["positions"], None)["phi"]
+            dens.add(phi[:, :F], phi[:, F:].argmax(-1))
+            n += phi.shape[0]
+        self.density = dens
+        return n
 
     def _local_force_variance(self, phi: torch.Tensor) -> torch.Tensor:
         """rank 0: per-atom force variance without extra backward passes,
@@ -350,6 +395,8 @@ class LastLayerPosterior(Posterior):
     def payload(self) -> dict:
         out = {"mean": self.mean.detach().cpu(), "cov": self.cov.detach().cpu(), "rank": self.rank,
                "fit_noise": list(self.fit_noise), "local_reference": self.local_reference}
+        if self.density is not None:
+            out["density"] = self.density.to_dict()
         if self.base_posterior is not None:
             out["base_mean"], out["base_cov"] = (t.detach().cpu() for t in self.base_posterior)
         return out
@@ -357,7 +404,8 @@ class LastLayerPosterior(Posterior):
     @classmethod
     def from_payload(cls, backbone: Backbone, settings: PosteriorSettings, post: dict, **kw):
         obj = cls(backbone, settings, post["mean"], post["cov"], rank=int(post.get("rank", 0)),
-                  fit_noise=post.get("fit_noise"), local_reference=post.get("local_reference", 0.0), **kw)
+                  fit_noise=post.get("fit_noise"), local_reference=post.get("local_reference", 0.0),
+                  density=FeatureDensity.from_dict(post["density"]) if "density" in post else None, **kw)
         if "base_mean" in post:
             obj.base_posterior = tuple(post[k].to(dtype=obj.dtype, device=obj.device)
                                        for k in ("base_mean", "base_cov"))

@@ -323,7 +323,31 @@ class Trainer:
         update_calibration(post, self._pending_cal, self.cfg.calibration_memory)
         self._pending_cal = []
         self._blocks = post.add_blocks(self._blocks, post.design(late))
+        self._add_to_density(late)
         return len(late)
+
+    def _add_to_density(self, frames) -> None:
+        """A model with the misfit variance counts learned frames as seen (their atoms' readout
+        features join the density), so that it stops calling frames like them far."""
+        if getattr(self.posterior, "density", None) is not None and frames:
+            self.posterior.fit_density(frames, add=True)
+
+    def _rebuild_density(self, labels) -> None:
+        """After a refinement the readout features have changed: the density is rebuilt from the
+        replay frames (the fit's) and the labels on the new features. Without replay frames
+        the labels alone hold too few atoms for a covariance per element; the old density is
+        then kept (it describes the features before the refinement) and the event says so."""
+        post = self.posterior
+        if getattr(post, "density", None) is None:
+            return
+        frames = list(self._replay) + list(labels)
+        if len(frames) < 2 * post.density.num_features:
+            self._event("density_kept", frames=len(frames),
+                        reason="too few replay frames and labels to rebuild the feature density; "
+                               "give [learning] backbone_replay the fit frames")
+            return
+        atoms = post.fit_density(frames)
+        self._event("density_rebuilt", frames=len(frames), atoms=atoms)
 
     def _learn_label(self, row_id: int, s, energy: float, forces, **event) -> None:
         post = self.posterior
@@ -405,6 +429,7 @@ class Trainer:
             # under the refined backbone are small, so the second conditioning moves it little.
             self._start_mean = readout
             self._blocks = self._design_all(frames)  # the features changed: every label again
+            self._rebuild_density(frames)
             if self.cfg.recalibrate_after_refinement:
                 post.calibration.restart()
             late = self._learn_late_labels()         # the refined model's first residuals
@@ -423,6 +448,7 @@ class Trainer:
                 self._redesign = False
             else:
                 self._blocks = post.add_blocks(self._blocks, post.design(new))
+            self._add_to_density(new)
             stats = {**post.condition(self._blocks, self._start_mean, self._start_cov),
                      "refinement_deferred": refine}
             if abandoned is not None:
