@@ -253,7 +253,8 @@ def test_rank_reads_ase_rows(tmp_path):
 
 def test_rate_cap_labels_one_flagged_frame_per_step_window_and_survives_a_restart(tmp_path):
     """[learning] min_step_gap: at most one flagged frame per GAP MD steps of a walker (the
-    most uncertain one queued), audit frames always; a restarted trainer keeps the window."""
+    most uncertain one of its window, chosen once the window is complete), audit frames
+    always; a restarted trainer keeps the window."""
     from types import SimpleNamespace
 
     from rarefly.trainer.loop import Trainer
@@ -274,7 +275,7 @@ def test_rate_cap_labels_one_flagged_frame_per_step_window_and_survives_a_restar
                                 selection=SelectionPolicy(max_in_flight=100, min_step_gap=gap))
         t.store, t.dedup, t.labeller, t._in_flight = store, Deduplicator(0.0), Labeller(), {}
         t._refining = t._finishing = False
-        t.rate_cap = RateCap(gap, store.rows(state="labelled"))   # as Trainer.__init__ does
+        t.rate_cap = RateCap(gap, store.rows(state="labelled"), store.rows())  # as Trainer.__init__
         t.labels_done = lambda: 0
         return t
 
@@ -304,7 +305,17 @@ def test_rate_cap_labels_one_flagged_frame_per_step_window_and_survives_a_restar
                walker=0, sigma_E_raw=0.01 * (100 - i))
     t = trainer_on(st, gap=20)
     t.select_and_submit()
+    # frames before step 69 are refused; the window [69, 89) is open but not complete
+    # (walker 0 seen up to step 75): nothing is sent yet
+    assert st.count(state="labelling") == 0
+    assert {r.frame_id for r in st.rows(state="queued")} == {"late-69", "late-75"}
+    # a frame at step 90 completes it: the most uncertain from step 69 on, earlier ones refused
+    st.add(_water((0.9, 0, 0)), frame_id="late-90", origin="flagged", step=90, walker=0,
+           sigma_E_raw=0.05)
+    t.rate_cap.see(0, 90)                         # as Trainer.receive does
+    t.select_and_submit()
     assert {r.frame_id for r in st.rows(state="labelling")} == {"late-69"}
+    assert {r.frame_id for r in st.rows(state="queued")} == {"late-90"}
     # without a cap every frame queued is sent (the default)
     st2 = FrameStore(tmp_path / "nocap.db")
     for i in range(5):
@@ -312,6 +323,43 @@ def test_rate_cap_labels_one_flagged_frame_per_step_window_and_survives_a_restar
     t = trainer_on(st2, gap=0)
     t.select_and_submit()
     assert st2.count(state="labelling") == 5
+
+
+def test_rate_cap_picks_the_most_uncertain_frame_of_each_window_as_frames_stream_in():
+    """Frames arriving one step at a time: the cap waits for each window to be complete and
+    takes its most uncertain frame, not the first frame past the gap; a walker that falls
+    silent completes its window after WINDOW_IDLE_SECONDS."""
+    from rarefly.trainer.selection import WINDOW_IDLE_SECONDS, RateCap
+
+    gap = 10
+    sigma = lambda step: 1.0 + np.sin(0.7 * step)        # noqa: E731 - a bumpy uncertainty
+    cap, queue, taken = RateCap(gap), [], []
+    for step in range(60):
+        queue.append({"origin": "flagged", "step": step, "walker": 0, "sigma_E_raw": sigma(step)})
+        cap.see(0, step, now=float(step))
+        for row in sorted(queue, key=lambda r: -r["sigma_E_raw"]):
+            v = cap.verdict(row, now=float(step))
+            if v == "ok":
+                cap.take(row)
+                taken.append(row["step"])
+                queue = [r for r in queue if r is not row]
+            elif v == "skip":
+                queue = [r for r in queue if r is not row]
+    assert taken[0] == 0                                  # the first label at once
+    for a, b in zip(taken, taken[1:]):
+        assert gap <= b - a < 2 * gap + 1
+        window = [s for s in range(a + gap, b + 1)]       # what was queued when b was taken
+        assert sigma(b) == max(sigma(s) for s in window)
+    assert len(taken) >= 3
+    # idle walker: the open window completes after WINDOW_IDLE_SECONDS without new frames
+    cap = RateCap(gap)
+    cap.take({"origin": "flagged", "step": 0, "walker": 0})
+    cap.see(0, 12, now=0.0)
+    row = {"origin": "flagged", "step": 12, "walker": 0}
+    assert cap.verdict(row, now=1.0) == "wait"
+    assert cap.verdict(row, now=WINDOW_IDLE_SECONDS + 0.1) == "ok"
+    assert cap.verdict({"origin": "flagged", "step": 5, "walker": 0}, now=1.0) == "skip"
+    assert cap.verdict({"origin": "audit", "step": 5, "walker": 0}, now=1.0) == "ok"
 
 
 def test_trainer_keeps_reference_workers_busy_during_a_refinement(tmp_path):
@@ -654,7 +702,7 @@ def test_trainer_receive_takes_a_bounded_batch_and_stores_each_frame(tmp_path):
     import zmq
 
     from rarefly.trainer.loop import Trainer
-    from rarefly.trainer.selection import Deduplicator
+    from rarefly.trainer.selection import Deduplicator, RateCap
     from rarefly.trainer.store import FrameStore
 
     endpoint = f"ipc://{tmp_path}/learn"
@@ -662,6 +710,7 @@ def test_trainer_receive_takes_a_bounded_batch_and_stores_each_frame(tmp_path):
     trainer.sock = _pull(endpoint)
     trainer.store = FrameStore(tmp_path / "frames.db")
     trainer.dedup = Deduplicator(0.02)
+    trainer.rate_cap = RateCap(0)
     push = zmq.Context.instance().socket(zmq.PUSH)
     push.setsockopt(zmq.LINGER, 1000)
     push.connect(endpoint)

@@ -67,7 +67,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-step-gap", type=whole_number(0, "a number of MD steps (0 or more)"),
                    default=0, metavar="STEPS",
                    help="rate cap: label at most one flagged frame per STEPS MD steps of a walker, "
-                        "the most uncertain one queued (default 0: no cap; audit frames are never "
+                        "the most uncertain one of each window, chosen once the walker has gone STEPS "
+                        "further (default 0: no cap; audit frames are never "
                         "capped). Spreads a reference budget over the run instead of spending it "
                         "on the first flagged steps")
     p.add_argument("--no-rescore-flagged", action="store_true",

@@ -91,7 +91,8 @@ class Trainer:
         self.dedup = Deduplicator(cfg.selection.dedup_tol)
         for f in self.store.labelled_frames():
             self.dedup.add(f.structure)
-        self.rate_cap = RateCap(cfg.selection.min_step_gap, self.store.rows(state="labelled"))
+        self.rate_cap = RateCap(cfg.selection.min_step_gap, self.store.rows(state="labelled"),
+                                self.store.rows())
         self._start_mean = getattr(self.posterior, "mean", None)
         self._start_cov = getattr(self.posterior, "cov", None)
         self._blocks = None
@@ -191,6 +192,7 @@ class Trainer:
                                           "confidence", "pred_energy")}
             meta.update({f"flag_{k}": _number(h.get(k)) for k in ("level", "force_threshold", "epsilon")})
             origin = "flagged" if msg.origin == "labelled" else msg.origin
+            self.rate_cap.see(h.get("walker"), _number(h.get("step")))
             row = self.store.add(msg.structure, frame_id=msg.frame_id, origin=origin, **meta)
             if row is not None and msg.origin == "labelled" and msg.ref_forces is not None:
                 self.dedup.add(msg.structure)       # labelled by the driver: a near-duplicate
@@ -219,9 +221,12 @@ class Trainer:
                 break
             if budget is not None and self.labels_done() + len(self._in_flight) >= budget:
                 return
-            if not self.rate_cap.allows(row):
+            verdict = self.rate_cap.verdict(row)
+            if verdict == "skip":
                 self.store.set_state(row.id, "skipped", reason=f"rate cap: within "
                                      f"{self.rate_cap.gap} steps of the last label")
+                continue
+            if verdict == "wait":               # its window is still filling
                 continue
             s = self.store.structure(row)
             if row.get("origin") != "audit" and self.dedup.is_duplicate(s):

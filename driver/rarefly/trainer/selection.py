@@ -7,6 +7,7 @@ of learning (invariant to rotation, translation and permutation of like atoms).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,8 +20,8 @@ class SelectionPolicy:
     dedup_tol: float = 0.02          # Angstrom, RMS of sorted pair distances
     max_in_flight: int = 2           # labelling tasks at a time
     max_per_update: int = 4          # labels per posterior update at most
-    #: rate cap in MD steps: a flagged frame less than this many steps after the last flagged
-    #: frame chosen from the same walker is skipped (0: no cap; audit frames are never capped)
+    #: rate cap in MD steps: at most one flagged frame per this many steps of a walker, the
+    #: most uncertain of each window (:class:`RateCap`; 0: no cap; audit frames never capped)
     min_step_gap: int = 0
     #: a frame flagged by an older model version goes to the reference only if the model the
     #: trainer holds still flags it (the driver's criterion, from the frame's header); during a
@@ -52,28 +53,66 @@ class Deduplicator:
         self.seen.setdefault(comp, []).append(fp)
 
 
-class RateCap:
-    """At most one flagged frame per ``gap`` MD steps of a walker: a frame less than ``gap``
-    steps after the last one taken from its walker is refused. Audit frames and frames
-    without a step are never capped; ``gap = 0`` caps nothing. Built from the rows already
-    labelled, so that a restarted trainer keeps its window."""
+#: seconds without a new frame from a walker after which its open rate-cap window counts as
+#: complete (a walker the model trusts for a while sends nothing to complete it)
+WINDOW_IDLE_SECONDS = 10.0
 
-    def __init__(self, gap: int, labelled_rows=()):
+
+class RateCap:
+    """At most one flagged frame per ``gap`` MD steps of a walker, the most uncertain one of
+    each window. After a label at step ``t`` the next window opens at ``t + gap``; its frames
+    wait until the walker has been seen at ``t + 2 gap`` (or has sent nothing for
+    :data:`WINDOW_IDLE_SECONDS`), so that the choice is made among the window's frames, not
+    given to the first one that arrives (bench_onthefly's thirty-third run: with frames taken
+    as they came the labels fell exactly ``gap`` steps apart, whatever their uncertainty).
+    Frames before the window are refused. Audit frames and frames without a step are never
+    capped; ``gap = 0`` caps nothing. Built from the rows already stored, so that a restarted
+    trainer keeps its window."""
+
+    def __init__(self, gap: int, labelled_rows=(), seen_rows=()):
         self.gap = int(gap)
         self.last: dict = {}
+        self.seen: dict = {}           # walker -> [highest step received, when (monotonic)]
         for r in labelled_rows:
             if self._capped(r):
                 self.take(r)
+        for r in seen_rows:
+            if r.get("step") is not None:
+                self.see(r.get("walker"), r.get("step"))
 
     @staticmethod
     def _capped(row) -> bool:
         return row.get("origin") != "audit" and row.get("step") is not None
 
-    def allows(self, row) -> bool:
+    def see(self, walker, step, now: float | None = None) -> None:
+        """A frame of ``walker`` at ``step`` arrived (flagged or audit)."""
+        if step is None:
+            return
+        w = walker or 0
+        now = time.monotonic() if now is None else now
+        prev = self.seen.get(w)
+        self.seen[w] = [max(int(step), prev[0]) if prev else int(step), now]
+
+    def verdict(self, row, now: float | None = None) -> str:
+        """``"ok"`` (may be labelled now), ``"skip"`` (before the walker's open window: refused
+        for good) or ``"wait"`` (in the open window, which is not complete yet)."""
         if not (self.gap and self._capped(row)):
-            return True
-        last = self.last.get(row.get("walker") or 0)
-        return last is None or int(row.get("step")) >= last + self.gap
+            return "ok"
+        w = row.get("walker") or 0
+        last = self.last.get(w)
+        if last is None:               # no label yet: the first one at once
+            return "ok"
+        start = last + self.gap
+        if int(row.get("step")) < start:
+            return "skip"
+        seen = self.seen.get(w)
+        now = time.monotonic() if now is None else now
+        if seen is None or seen[0] >= start + self.gap or now - seen[1] >= WINDOW_IDLE_SECONDS:
+            return "ok"
+        return "wait"
+
+    def allows(self, row) -> bool:
+        return self.verdict(row) == "ok"
 
     def take(self, row) -> None:
         if self._capped(row):
