@@ -111,9 +111,6 @@ class RateCap:
             return "ok"
         return "wait"
 
-    def allows(self, row) -> bool:
-        return self.verdict(row) == "ok"
-
     def take(self, row) -> None:
         if self._capped(row):
             w = row.get("walker") or 0
