@@ -91,8 +91,9 @@ class Trainer:
         self.dedup = Deduplicator(cfg.selection.dedup_tol)
         for f in self.store.labelled_frames():
             self.dedup.add(f.structure)
-        self.rate_cap = RateCap(cfg.selection.min_step_gap, self.store.rows(state="labelled"),
-                                self.store.rows())
+        gap = cfg.selection.min_step_gap        # without a cap, no need to read every row
+        self.rate_cap = RateCap(gap, self.store.rows(state="labelled") if gap else (),
+                                self.store.rows() if gap else ())
         self._start_mean = getattr(self.posterior, "mean", None)
         self._start_cov = getattr(self.posterior, "cov", None)
         self._blocks = None
