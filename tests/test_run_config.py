@@ -340,6 +340,23 @@ def test_calibration_memory_reaches_the_trainer_and_its_config(tmp_path, ethanol
           "[learning] calibration_memory", "zero or more", check_code=False)
 
 
+def test_max_label_force_reaches_the_trainer_in_ev_per_angstrom(tmp_path, ethanol_xyz):
+    from rarefly.trainer.loop import TrainerConfig
+    from rarefly.trainer.reference import DEFAULT_MAX_LABEL_FORCE
+
+    run, cmd, args = _trainer_command(tmp_path, ethanol_xyz, 'max_label_force = "1 Ha/Bohr"')
+    assert args.max_label_force == pytest.approx(51.422, rel=1e-4)
+    run, cmd, args = _trainer_command(tmp_path, ethanol_xyz, "max_label_force = 0")
+    assert args.max_label_force == 0                  # 0: no limit (None in TrainerConfig)
+    assert TrainerConfig(model="m", database="d", endpoint="e").max_label_force == DEFAULT_MAX_LABEL_FORCE
+    run.cfg.learning.max_label_force = DEFAULT_MAX_LABEL_FORCE
+    assert "--max-label-force" not in run.trainer_command()
+    fails(write(tmp_path, "[learning]\nmax_label_force = -1\n", structure=ethanol_xyz),
+          "[learning] max_label_force", "zero or more", check_code=False)
+    fails(write(tmp_path, '[learning]\nmax_label_force = "3 eV"\n', structure=ethanol_xyz),
+          "[learning] max_label_force", "eV", check_code=False)
+
+
 def test_cv_calibration_reaches_the_driver_and_is_validated(tmp_path, ethanol_xyz):
     from pathlib import Path
 

@@ -807,6 +807,53 @@ def test_reference_failure_on_a_structure_is_one_sentence():
     assert str(err.value).startswith("reference emt() failed: ")
 
 
+def test_label_problem_names_what_is_wrong_with_a_label():
+    from rarefly.trainer.reference import DEFAULT_MAX_LABEL_FORCE, label_problem
+
+    fine = np.full((3, 3), 3.0)
+    assert label_problem(-10.0, fine, 3, DEFAULT_MAX_LABEL_FORCE) is None
+    wreck = fine.copy()
+    wreck[1, 2] = -45.8                                  # the blown-up frame of bench run 34
+    assert "45.8 eV/A, above the limit of 25 eV/A" in label_problem(-10.0, wreck, 3, 25.0)
+    assert label_problem(-10.0, wreck, 3, None) is None  # no limit
+    assert label_problem(-10.0, wreck, 3, 0) is None
+    assert "non-finite" in label_problem(float("nan"), fine, 3, 25.0)
+    bad = fine.copy()
+    bad[0, 0] = np.inf
+    assert "non-finite" in label_problem(-10.0, bad, 3, None)
+    assert "shape (2, 3) for 3 atoms" in label_problem(-10.0, fine[:2], 3, 25.0)
+
+
+def test_a_refused_label_is_kept_in_its_row_and_not_learned(tmp_path):
+    """A label above max_label_force becomes a ``failed`` row that keeps the energy, the forces
+    and the reason; it is not learned and does not count against the budget; a sound label
+    right after it is stored as usual."""
+    from types import SimpleNamespace
+
+    from rarefly.trainer.loop import Trainer
+    from rarefly.trainer.store import FrameStore
+
+    t = Trainer.__new__(Trainer)
+    t.cfg = SimpleNamespace(max_label_force=25.0)
+    t.store = FrameStore(tmp_path / "frames.db")
+    t.events_path = tmp_path / "frames.jsonl"
+    t.posterior = SimpleNamespace(offset_energy=lambda numbers, energy: energy)
+    t._refining, t._stored_unlearned = True, []      # stored now, learned after the refinement
+    wreck, sound = (t.store.add(_water((x, 0, 0)), frame_id=f"f{x}", origin="flagged")
+                    for x in (0.0, 0.5))
+    forces = np.zeros((3, 3))
+    forces[2, 0] = 46.0
+    t._record_label(wreck, _water(), -848.1, forces, "xtb()")
+    t._record_label(sound, _water((0.5, 0, 0)), -896.2, np.ones((3, 3)), "xtb()")
+    row = t.store.db.get(id=wreck)
+    assert row.state == "failed" and "46.0 eV/A, above the limit of 25 eV/A" in row.reason
+    assert row.rejected_energy == -848.1 and row.data["rejected_forces"][2, 0] == 46.0
+    assert t.labels_done() == 1 and [r for r, *_ in t._stored_unlearned] == [sound]
+    events = [json.loads(line) for line in open(t.events_path)]
+    assert [e["event"] for e in events] == ["label_rejected"] and events[0]["row"] == wreck
+    assert [f.info["row"] for f in t.store.labelled_frames()] == [sound]
+
+
 # ------------------------------------------------------------------ model hot swap
 
 def _model(path, version):

@@ -224,6 +224,7 @@ class RunData:
         self.labels = [e for e in self.events if e["event"] == "label"]
         self.publishes = [e for e in self.events if e["event"] == "publish"]
         self.failed = [e for e in self.events if e["event"] == "label_failed"]
+        self.rejected = [e for e in self.events if e["event"] == "label_rejected"]
         self.epsilon = self.manifest.get("epsilon_eV")
         self.timestep_fs = self.manifest.get("timestep_fs")
 
@@ -511,7 +512,9 @@ def _markdown(data: RunData, figures: dict) -> str:
         ("frames flagged by the driver", f"{n_flag} of {len(data.extras_steps)} steps "
          f"(confidence < {m.get('level', '-')})"),
         ("reference calls", f"{len(data.labels)} ({len(flagged)} flagged, {len(audit)} audit"
-         + (f", {len(data.failed)} failed" if data.failed else "") + ")"
+         + (f", {len(data.failed)} failed" if data.failed else "")
+         + (f", {len(data.rejected)} refused ([learning] max_label_force)" if data.rejected else "")
+         + ")"
          + (f"; budget {m['max_reference_calls']}" if m.get("max_reference_calls") else "")),
         ("reference", f"{m.get('reference', '-')}"),
         ("model versions", f"{v0} → {v1} ({len(data.publishes)} published)"

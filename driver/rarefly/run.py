@@ -441,6 +441,7 @@ class OnTheFlyRun:
 
     # -------------------------------------------------------------- commands
     def trainer_command(self) -> list[str]:
+        from rarefly.trainer.reference import DEFAULT_MAX_LABEL_FORCE
         from rarefly.trainer.selection import SelectionPolicy
 
         cfg, f = self.cfg, self.files
@@ -466,6 +467,8 @@ class OnTheFlyRun:
             cmd += ["--recalibrate-after-refinement"]
         if cfg.learning.replay_energies:
             cmd += ["--replay-energies"]
+        if cfg.learning.max_label_force != DEFAULT_MAX_LABEL_FORCE:
+            cmd += ["--max-label-force", repr(cfg.learning.max_label_force)]
         for k, v in cfg.reference.options.items():
             cmd += ["--reference-option", f"{k}={v}"]
         for k, v in cfg.labelling.options.items():

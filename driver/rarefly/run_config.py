@@ -33,6 +33,7 @@ from typing import Any
 from ase import units as _ase_units
 
 from rarefly.cv_service import CV_CALIBRATIONS
+from rarefly.trainer.reference import DEFAULT_MAX_LABEL_FORCE
 from rarefly.trainer.selection import SelectionPolicy
 from rarefly.units import ENERGY_UNITS, energy_to_ev
 
@@ -170,6 +171,11 @@ class LearningConfig:
     ``backbone_replay`` frames as well as on the labels (default false: the labels only). Keeps
     the energies of the fit's region from shifting with the new labels' errors; measured in
     bench_onthefly's twentieth run: held-out TS energies better, the run's own frames worse."""
+    max_label_force: float = DEFAULT_MAX_LABEL_FORCE
+    """A label whose largest force component exceeds this is kept in the database (state
+    failed, with the reason) but not learned: the reference labels a blown-up walker too, and
+    one such label spoilt a refinement (bench_onthefly's thirty-fourth run); units
+    ENERGY/LENGTH, e.g. "25 eV/A" (default 25 eV/A; 0: no limit)."""
     align_energies: bool = True
     """Align the reference's energy zero to the model's at the first label (default true)."""
     holdout_file: Path | None = None
@@ -456,6 +462,7 @@ _CONVERT = {
     ("learning", "backbone_replay"): _path,
     ("learning", "duplicate_distance"): _positive(_q(LENGTH_UNITS, "A"), strict=False),
     ("learning", "min_step_gap"): _positive(lambda v, w, b: _int(v, w), strict=False),
+    ("learning", "max_label_force"): _positive(_q(_force_units(), "eV/A"), strict=False),
     ("learning", "calibration_memory"): _positive(lambda v, w, b: _int(v, w), strict=False),
     ("learning", "holdout_file"): _path,
     ("learning", "holdout_frames"): _positive(lambda v, w, b: _int(v, w), strict=False),

@@ -27,6 +27,7 @@ example:
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
     from rarefly.driver_cli import whole_number
+    from rarefly.trainer.reference import DEFAULT_MAX_LABEL_FORCE
     from rarefly.trainer.selection import SelectionPolicy
 
     p.epilog = EPILOG
@@ -94,6 +95,11 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                         "energies too, not only on the labels: keeps energies of the fit's "
                         "region from shifting with the new labels' errors, at some cost to the "
                         "frames the run samples (benchmarks/bench_onthefly.out, twentieth run)")
+    p.add_argument("--max-label-force", type=_force, default=DEFAULT_MAX_LABEL_FORCE, metavar="EV_PER_A",
+                   help="a label whose largest force component exceeds this is kept in the database "
+                        "(state failed, with the reason) but not learned: a walker that blew up "
+                        f"still gets labelled by the reference (default {DEFAULT_MAX_LABEL_FORCE:g} eV/A; "
+                        "0: no limit)")
     p.add_argument("--holdout", help="extxyz of held-out reference frames: errors logged per version")
     p.add_argument("--max-seconds", type=float, help="stop after this wall time")
     p.add_argument("--no-align", action="store_true", help="do not align reference energies at the first label")
@@ -106,6 +112,16 @@ def _distance(text: str) -> float:
         x = float("nan")
     if not 0.0 <= x < float("inf"):
         raise argparse.ArgumentTypeError(f"{text!r} is not a distance in Angstrom (0 or more)")
+    return x
+
+
+def _force(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        x = float("nan")
+    if not 0.0 <= x < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a force in eV/A (0 or more; 0: no limit)")
     return x
 
 
@@ -157,6 +173,7 @@ def run(args) -> int:
                             calibration_memory=args.calibration_memory,
                             recalibrate_after_refinement=args.recalibrate_after_refinement,
                             replay_energies=args.replay_energies,
+                            max_label_force=args.max_label_force or None,
                             selection=SelectionPolicy(dedup_tol=args.duplicate_distance,
                                                       min_step_gap=args.min_step_gap,
                                                       rescore_flagged=not args.no_rescore_flagged))

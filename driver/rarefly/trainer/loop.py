@@ -26,7 +26,7 @@ from rarefly.posterior import load_posterior
 from rarefly.posterior.base import LabelledFrame, update_calibration
 from rarefly.trainer.labelling import ExecutorSpec, Labeller
 from rarefly.trainer.messages import MessageError, decode
-from rarefly.trainer.reference import ReferenceSpec
+from rarefly.trainer.reference import DEFAULT_MAX_LABEL_FORCE, ReferenceSpec, label_problem
 from rarefly.trainer.selection import Deduplicator, RateCap, SelectionPolicy, rank
 from rarefly.trainer.store import FrameStore
 
@@ -76,6 +76,8 @@ class TrainerConfig:
     #: after a backbone refinement the readout is conditioned on the replay frames' energies
     #: as well as on the labels (default off: on the labels, from the first prior)
     replay_energies: bool = False
+    #: labels with a larger force component (eV/A) are kept but not learned (None: no limit)
+    max_label_force: float | None = DEFAULT_MAX_LABEL_FORCE
     events: str | None = None                    # trainer.jsonl path (default: beside the db)
 
 
@@ -292,7 +294,14 @@ class Trainer:
         update, so it is learned by the refined model before its version is published
         (:meth:`_learn_late_labels`), or at the next update when the refinement was abandoned
         at a stop. A SIGKILL at any moment loses no finished label, and a restart learns the
-        stored ones it finds unused."""
+        stored ones it finds unused. A label :func:`label_problem` refuses (a blown-up geometry,
+        non-finite numbers) is kept in its row as ``failed`` and not learned."""
+        problem = label_problem(energy, forces, len(s.numbers), self.cfg.max_label_force)
+        if problem:
+            self.store.reject_label(row_id, energy, forces, reference, f"label not learned: {problem}")
+            self._event("label_rejected", row=row_id, reason=problem)
+            log.warning("row %d: label not learned: %s", row_id, problem)
+            return
         if self._refining:
             self.store.add_label(row_id, energy, forces, reference,
                                  energy_offset=self.posterior.offset_energy(s.numbers, 0.0))

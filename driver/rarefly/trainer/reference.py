@@ -99,6 +99,33 @@ def label(spec: ReferenceSpec, numbers, positions, cell=None, pbc=(False, False,
     return energy, forces
 
 
+#: largest force component a label may hold (eV/A) before the trainer refuses to learn it
+DEFAULT_MAX_LABEL_FORCE = 25.0
+
+
+def label_problem(energy: float, forces, n_atoms: int, max_force: float | None) -> str | None:
+    """Why a reference label must not be learned, in one sentence, or None when it may be.
+
+    A reference answers for whatever geometry it is given. When a biased walker has blown up
+    (bench_onthefly's thirty-fourth run: an upper wall on a stiff sigma_E), xTB still labels
+    the wreck (48 eV above every other label, forces up to 46 eV/A), and one such label made
+    the refined model worse everywhere. Molecular dynamics at a few hundred K stays far below
+    ``DEFAULT_MAX_LABEL_FORCE`` (alanine dipeptide at 300-500 K: at most 3.6 eV/A in xTB;
+    1 Ha/Bohr is 51 eV/A). ``max_force`` None or 0: no force limit.
+    """
+    f = np.asarray(forces, dtype=float)
+    if f.shape != (n_atoms, 3):
+        return f"the reference returned forces of shape {f.shape} for {n_atoms} atoms"
+    if not np.isfinite(energy) or not np.all(np.isfinite(f)):
+        return "the reference returned a non-finite energy or force"
+    worst = float(np.abs(f).max()) if f.size else 0.0
+    if max_force and worst > max_force:
+        return (f"its largest force component is {worst:.1f} eV/A, above the limit of "
+                f"{max_force:g} eV/A (a blown-up geometry?); raise [learning] max_label_force "
+                f"(--max-label-force) if such forces are real in this system")
+    return None
+
+
 class PySCFCalculator:
     """A minimal ASE calculator for PySCF DFT (energy + analytic gradient), molecules only."""
 

@@ -61,6 +61,16 @@ class FrameStore:
                        energy_offset=float(energy_offset), labelled_at=time.time(),
                        data={"ref_forces": np.asarray(forces, dtype=float)})
 
+    def reject_label(self, row_id: int, energy: float, forces: np.ndarray, reference: str,
+                     reason: str) -> None:
+        """Keep a label the trainer refuses to learn: the row becomes ``failed`` with the reason,
+        the energy and forces stay in the row (``rejected_energy``, data ``rejected_forces``)."""
+        e = float(energy)
+        kept = {"rejected_energy": e} if np.isfinite(e) else {}
+        self.db.update(row_id, state="failed", reason=reason[:300], reference=reference,
+                       labelled_at=time.time(), **kept,
+                       data={"rejected_forces": np.asarray(forces, dtype=float)})
+
     def recover(self) -> int:
         """After a crash: rows left in ``labelling`` go back to ``queued``. Returns their count."""
         ids = [row.id for row in self.db.select(state="labelling")]
