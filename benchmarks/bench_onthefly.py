@@ -18,12 +18,13 @@ temperature, MD steps and reference budget ([budget] max_reference_calls):
   c_metad     ours, pure uncertainty bias: well-tempered METAD on sigma_E only
               (plumed_inputs/metad.dat)
   c_ts        c_metad2d aimed at the C7eq -> C7ax transition state: the same METAD, an upper
-              wall on sigma_E at a_paper's mean + 3 std (plumed_inputs/upper_wall.dat) and
+              wall on sigma_E at a_paper's mean + 3 std (linear, 2 kT per std beyond it; the
+              harmonic wall of plumed_inputs/upper_wall.dat blew up run 34) and
               a wall that keeps phi in [-150, 100] deg (up to 0.9 eV at 155 deg), so that
               the walker leaves C7eq through phi = 0 rather than over phi = +-180 deg (the
               C5 / beta side, which holds none of the held-out TS frames)
 The bias widths come from run a's sigma_E along its trajectory (as the inputs' "Scale" notes
-say), the height is kT.
+say), the height is kT (--hill-kt).
 
 Model: benchmarks/data/ala2_c7eq.rfly, the lastlayer posterior fitted on xTB frames of the
 C7eq basin only (made by bench_rare_events.py; rebuilt here through it when missing).
@@ -201,21 +202,27 @@ psi: TORSION ATOMS=7,9,15,17
 """
 
 
-def plumed_bias(name: str, width: float, temperature: float, mean: float = 0.0) -> str:
+def plumed_bias(name: str, width: float, temperature: float, mean: float = 0.0,
+                hill_kt: float = 1.0) -> str:
     kt = 8.617333e-5 * temperature
+    height = hill_kt * kt
     if name in ("c_metad2d", "c_ts"):
-        line = (f"metad: METAD ARG=sigma,phi SIGMA={width:.4g},0.35 HEIGHT={kt:.4g} PACE=10 "
+        line = (f"metad: METAD ARG=sigma,phi SIGMA={width:.4g},0.35 HEIGHT={height:.4g} PACE=10 "
                 f"BIASFACTOR=10 TEMP={temperature:g} FILE=HILLS")
     else:
-        line = (f"metad: METAD ARG=sigma SIGMA={width:.4g} HEIGHT={kt:.4g} PACE=10 "
+        line = (f"metad: METAD ARG=sigma SIGMA={width:.4g} HEIGHT={height:.4g} PACE=10 "
                 f"BIASFACTOR=10 TEMP={temperature:g} FILE=HILLS")
     printed = "sigma,phi,psi,metad.bias"
     if name == "c_ts":
-        # sigma wall: 2 kT at one std beyond it. The phi window [-150, 100] deg is a wall on
-        # cos(phi - 155 deg), which is > cos(55 deg) only outside the window: walls on phi
-        # itself would act on the periodic difference (phi - AT), i.e. on the wrong side too.
-        kappa = 2 * kt / width ** 2
-        line += (f"\nswall: UPPER_WALLS ARG=sigma AT={mean + 3 * width:.4g} KAPPA={kappa:.4g} EXP=2"
+        # sigma wall: linear, 2 kT at one std beyond it. Until run 34 it was harmonic (2 kT at
+        # one std, KAPPA 2 kT / std^2): on the misfit-variance sigma_E, which can jump tenfold
+        # between two steps, its force grew with the excess and blew the molecule up (run 34,
+        # KAPPA 95). A linear wall's force is KAPPA dsigma/dR whatever the excess, the scale of
+        # the METAD hills' own force (about kT / std dsigma/dR). The phi window [-150, 100] deg
+        # is a wall on cos(phi - 155 deg), which is > cos(55 deg) only outside the window: walls
+        # on phi itself would act on the periodic difference (phi - AT), on the wrong side too.
+        kappa = 2 * kt / width
+        line += (f"\nswall: UPPER_WALLS ARG=sigma AT={mean + 3 * width:.4g} KAPPA={kappa:.4g} EXP=1"
                  f"\nout: CUSTOM ARG=phi VAR=x FUNC=cos(x-{np.radians(155):.4f}) PERIODIC=NO"
                  f"\nphiwall: UPPER_WALLS ARG=out AT={np.cos(np.radians(55)):.4f} KAPPA=5 EXP=2")
         printed += ",swall.bias,phiwall.bias"
@@ -442,6 +449,8 @@ def main() -> int:
                          "model from the start structure, every 10th frame after step 100 "
                          "xTB-labelled (the final-model audit of every scheme; 0: none)")
     ap.add_argument("--wall-minutes", type=float, default=10.0)
+    ap.add_argument("--hill-kt", type=float, default=1.0,
+                    help="METAD hill height of the c schemes in kT (default 1)")
     ap.add_argument("--backbone-steps", type=int, default=0,
                     help="trainer refinement of all MACE weights ([learning] backbone_steps; "
                          "0: readout-only learning)")
@@ -546,7 +555,7 @@ def main() -> int:
                 sig = (float(ext[:, 0].mean()), float(ext[:, 0].std()))
             width = max(sig[1], 1e-3)
             plumed = WORK / f"{name}.plumed.dat"
-            text = plumed_bias(name, width, args.temperature, sig[0])
+            text = plumed_bias(name, width, args.temperature, sig[0], args.hill_kt)
             plumed.write_text(text)
             bias_lines = "; ".join(text.splitlines()[len(HEAD.splitlines()):-1])
             print(f"--- {name}: sigma_E in a_paper mean {sig[0]:.4f} std {sig[1]:.4f} eV; "
