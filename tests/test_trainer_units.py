@@ -834,13 +834,13 @@ def test_a_refused_label_is_kept_in_its_row_and_not_learned(tmp_path):
     from rarefly.trainer.store import FrameStore
 
     t = Trainer.__new__(Trainer)
-    t.cfg = SimpleNamespace(max_label_force=25.0)
-    t.store = FrameStore(tmp_path / "frames.db")
+    t.cfg = SimpleNamespace(max_label_force=25.0, database=str(tmp_path / "frames.db"))
+    t.store = FrameStore(t.cfg.database)
     t.events_path = tmp_path / "frames.jsonl"
     t.posterior = SimpleNamespace(offset_energy=lambda numbers, energy: energy)
     t._refining, t._stored_unlearned = True, []      # stored now, learned after the refinement
-    wreck, sound = (t.store.add(_water((x, 0, 0)), frame_id=f"f{x}", origin="flagged")
-                    for x in (0.0, 0.5))
+    wreck, sound = (t.store.add(_water((x, 0, 0)), frame_id=f"f{x}", origin="flagged", step=i)
+                    for i, x in enumerate((0.0, 0.5)))
     forces = np.zeros((3, 3))
     forces[2, 0] = 46.0
     t._record_label(wreck, _water(), -848.1, forces, "xtb()")
@@ -851,6 +851,7 @@ def test_a_refused_label_is_kept_in_its_row_and_not_learned(tmp_path):
     assert t.labels_done() == 1 and [r for r, *_ in t._stored_unlearned] == [sound]
     events = [json.loads(line) for line in open(t.events_path)]
     assert [e["event"] for e in events] == ["label_rejected"] and events[0]["row"] == wreck
+    assert events[0]["step"] == 0
     assert [f.info["row"] for f in t.store.labelled_frames()] == [sound]
 
 

@@ -299,8 +299,10 @@ class Trainer:
         problem = label_problem(energy, forces, len(s.numbers), self.cfg.max_label_force)
         if problem:
             self.store.reject_label(row_id, energy, forces, reference, f"label not learned: {problem}")
-            self._event("label_rejected", row=row_id, reason=problem)
-            log.warning("row %d: label not learned: %s", row_id, problem)
+            step = self.store.db.get(id=row_id).get("step")
+            self._event("label_rejected", row=row_id, step=step, reason=problem)
+            log.warning("%s row %d (MD step %s): label not learned: %s",
+                        self.cfg.database, row_id, step, problem)
             return
         if self._refining:
             self.store.add_label(row_id, energy, forces, reference,
