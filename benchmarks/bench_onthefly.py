@@ -20,7 +20,7 @@ temperature, MD steps and reference budget ([budget] max_reference_calls):
   c_ts        c_metad2d aimed at the C7eq -> C7ax transition state: the same METAD, an upper
               wall on sigma_E at a_paper's mean + 3 std (linear, 2 kT per std beyond it; the
               harmonic wall of plumed_inputs/upper_wall.dat blew up run 34) and
-              a wall that keeps phi in [-150, 100] deg (up to 0.9 eV at 155 deg), so that
+              a wall that keeps phi in [-150, 100] deg (--phi-window; up to 0.9 eV at 155 deg), so that
               the walker leaves C7eq through phi = 0 rather than over phi = +-180 deg (the
               C5 / beta side, which holds none of the held-out TS frames)
 The bias widths come from run a's sigma_E along its trajectory (as the inputs' "Scale" notes
@@ -203,7 +203,7 @@ psi: TORSION ATOMS=7,9,15,17
 
 
 def plumed_bias(name: str, width: float, temperature: float, mean: float = 0.0,
-                hill_kt: float = 1.0) -> str:
+                hill_kt: float = 1.0, phi_window: tuple[float, float] = (-150.0, 100.0)) -> str:
     kt = 8.617333e-5 * temperature
     height = hill_kt * kt
     if name in ("c_metad2d", "c_ts"):
@@ -218,13 +218,16 @@ def plumed_bias(name: str, width: float, temperature: float, mean: float = 0.0,
         # one std, KAPPA 2 kT / std^2): on the misfit-variance sigma_E, which can jump tenfold
         # between two steps, its force grew with the excess and blew the molecule up (run 34,
         # KAPPA 95). A linear wall's force is KAPPA dsigma/dR whatever the excess, the scale of
-        # the METAD hills' own force (about kT / std dsigma/dR). The phi window [-150, 100] deg
-        # is a wall on cos(phi - 155 deg), which is > cos(55 deg) only outside the window: walls
-        # on phi itself would act on the periodic difference (phi - AT), on the wrong side too.
+        # the METAD hills' own force (about kT / std dsigma/dR). The phi window [lo, hi] (default
+        # [-150, 100] deg) is a wall on cos(phi - c), c = (lo + hi) / 2 + 180 deg (155 deg), which
+        # is > cos(h), h = (360 - (hi - lo)) / 2 (55 deg), only outside the window: walls on phi
+        # itself would act on the periodic difference (phi - AT), on the wrong side too.
         kappa = 2 * kt / width
+        lo, hi = phi_window
+        centre, half = np.radians(0.5 * (lo + hi) + 180.0), np.radians(0.5 * (360.0 - (hi - lo)))
         line += (f"\nswall: UPPER_WALLS ARG=sigma AT={mean + 3 * width:.4g} KAPPA={kappa:.4g} EXP=1"
-                 f"\nout: CUSTOM ARG=phi VAR=x FUNC=cos(x-{np.radians(155):.4f}) PERIODIC=NO"
-                 f"\nphiwall: UPPER_WALLS ARG=out AT={np.cos(np.radians(55)):.4f} KAPPA=5 EXP=2")
+                 f"\nout: CUSTOM ARG=phi VAR=x FUNC=cos(x-{centre:.4f}) PERIODIC=NO"
+                 f"\nphiwall: UPPER_WALLS ARG=out AT={np.cos(half):.4f} KAPPA=5 EXP=2")
         printed += ",swall.bias,phiwall.bias"
     return HEAD + line + f"\nPRINT ARG={printed} STRIDE=1 FILE=COLVAR\n"
 
@@ -449,6 +452,8 @@ def main() -> int:
                          "model from the start structure, every 10th frame after step 100 "
                          "xTB-labelled (the final-model audit of every scheme; 0: none)")
     ap.add_argument("--wall-minutes", type=float, default=10.0)
+    ap.add_argument("--phi-window", type=float, nargs=2, default=(-150.0, 100.0), metavar=("LO", "HI"),
+                    help="c_ts: the wall keeps phi in [LO, HI] degrees (default -150 100)")
     ap.add_argument("--hill-kt", type=float, default=1.0,
                     help="METAD hill height of the c schemes in kT (default 1)")
     ap.add_argument("--backbone-steps", type=int, default=0,
@@ -555,7 +560,8 @@ def main() -> int:
                 sig = (float(ext[:, 0].mean()), float(ext[:, 0].std()))
             width = max(sig[1], 1e-3)
             plumed = WORK / f"{name}.plumed.dat"
-            text = plumed_bias(name, width, args.temperature, sig[0], args.hill_kt)
+            text = plumed_bias(name, width, args.temperature, sig[0], args.hill_kt,
+                               tuple(args.phi_window))
             plumed.write_text(text)
             bias_lines = "; ".join(text.splitlines()[len(HEAD.splitlines()):-1])
             print(f"--- {name}: sigma_E in a_paper mean {sig[0]:.4f} std {sig[1]:.4f} eV; "
