@@ -105,24 +105,21 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-align", action="store_true", help="do not align reference energies at the first label")
 
 
-def _distance(text: str) -> float:
-    try:
-        x = float(text)
-    except ValueError:
-        x = float("nan")
-    if not 0.0 <= x < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a distance in Angstrom (0 or more)")
-    return x
+def _non_negative(what: str):
+    """An argparse type: a finite number, 0 or more; ``what`` names it in the error."""
+    def parse(text: str) -> float:
+        try:
+            x = float(text)
+        except ValueError:
+            x = float("nan")
+        if not 0.0 <= x < float("inf"):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return x
+    return parse
 
 
-def _force(text: str) -> float:
-    try:
-        x = float(text)
-    except ValueError:
-        x = float("nan")
-    if not 0.0 <= x < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a force in eV/A (0 or more; 0: no limit)")
-    return x
+_distance = _non_negative("a distance in Angstrom (0 or more)")
+_force = _non_negative("a force in eV/A (0 or more; 0: no limit)")
 
 
 def _options(items):
