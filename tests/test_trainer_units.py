@@ -362,6 +362,35 @@ def test_rate_cap_picks_the_most_uncertain_frame_of_each_window_as_frames_stream
     assert cap.verdict({"origin": "audit", "step": 5, "walker": 0}, now=1.0) == "ok"
 
 
+def test_rate_cap_takes_from_the_open_window_not_a_more_uncertain_frame_windows_ahead():
+    """A trainer that lags (frames of many windows queued at once) labels the most uncertain
+    frame of the open window, not the most uncertain frame queued: the next window waits its
+    turn. The window opens at the first queued frame past the refusal line, so a stretch the
+    walker spent trusted (nothing flagged) does not stall the cap."""
+    from rarefly.trainer.selection import RateCap, rank
+
+    gap = 10
+    cap = RateCap(gap)
+    cap.take({"origin": "flagged", "step": 0, "walker": 0})
+    # nothing flagged in steps 1-24; frames 25..64 queued, the most uncertain at step 60
+    queue = [{"origin": "flagged", "step": s, "walker": 0, "sigma_E_raw": 0.1 + 0.01 * (s == 60)
+              + 0.001 * (s == 31)} for s in range(25, 65)]
+    cap.see(0, 64, now=0.0)
+    taken = []
+    for _ in range(3):
+        ranked = rank(queue)
+        cap.plan(ranked)
+        verdicts = {r["step"]: cap.verdict(r, now=0.0) for r in ranked}
+        ok = [r for r in ranked if verdicts[r["step"]] == "ok"]
+        cap.take(ok[0])
+        taken.append(ok[0]["step"])
+        queue = [r for r in queue if verdicts[r["step"]] != "skip" and r is not ok[0]]
+    # window [25, 35): step 31; then [41, 51): the first frame of the window wins a tie;
+    # then [51, 61) holds step 60
+    assert taken == [31, 41, 60]
+    assert all(verdicts[s] == "wait" for s in range(61, 65))    # [61, 71) is not complete
+
+
 def test_trainer_keeps_reference_workers_busy_during_a_refinement(tmp_path):
     """Between refinement steps the trainer stores arriving frames and hands free workers new
     frames (a flagged one is not asked again by the half-refined model); a finished label is

@@ -149,9 +149,10 @@ class LearningConfig:
     frames of one basin by ~0.1 A, so 0.05 A drops the frames of one vibration."""
     min_step_gap: int = 0
     """Rate cap: the trainer labels at most one flagged frame per this many MD steps of a
-    walker, the most uncertain one of each window: the frames from this many steps after the
-    last label wait until the walker is this many steps further, then the most uncertain is
-    taken (default 0: no cap; audit frames are not capped)."""
+    walker, the most uncertain one of each window: frames closer than this to the last label
+    are refused; the window is this many steps from the first flagged frame after that, and
+    its most uncertain frame is taken once the walker is past it (default 0: no cap; audit
+    frames are not capped)."""
     rescore_flagged: bool = True
     """A frame flagged by an older model version goes to the reference only if the model the
     trainer holds still flags it (by the driver's level, force threshold and epsilon); during a

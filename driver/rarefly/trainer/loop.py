@@ -219,7 +219,9 @@ class Trainer:
         # finish meanwhile are the refined model's first calibration evidence (holding the
         # flagged frames back then left it none: bench_onthefly's twenty-second run)
         rescore = self.cfg.selection.rescore_flagged and not self._refining
-        for row in rank(self.store.rows(state="queued")):
+        queued = rank(self.store.rows(state="queued"))
+        self.rate_cap.plan(queued)
+        for row in queued:
             if free <= 0:
                 break
             if budget is not None and self.labels_done() + len(self._in_flight) >= budget:

@@ -60,18 +60,21 @@ WINDOW_IDLE_SECONDS = 10.0
 
 class RateCap:
     """At most one flagged frame per ``gap`` MD steps of a walker, the most uncertain one of
-    each window. After a label at step ``t`` the next window opens at ``t + gap``; its frames
-    wait until the walker has been seen at ``t + 2 gap`` (or has sent nothing for
-    :data:`WINDOW_IDLE_SECONDS`), so that the choice is made among the window's frames, not
-    given to the first one that arrives (bench_onthefly's thirty-third run: with frames taken
-    as they came the labels fell exactly ``gap`` steps apart, whatever their uncertainty).
-    Frames before the window are refused. Audit frames and frames without a step are never
-    capped; ``gap = 0`` caps nothing. Built from the rows already stored, so that a restarted
-    trainer keeps its window."""
+    each window. After a label at step ``t`` frames before ``t + gap`` are refused; the next
+    window is ``[s, s + gap)``, ``s`` the first queued frame at or after ``t + gap`` (found by
+    :meth:`plan`). Its frames wait until the walker has been seen at ``s + gap`` (or has sent
+    nothing for :data:`WINDOW_IDLE_SECONDS`), so that the choice is made among the window's
+    frames, not given to the first one that arrives (bench_onthefly's thirty-third run: with
+    frames taken as they came the labels fell exactly ``gap`` steps apart, whatever their
+    uncertainty); later frames wait for their own window (before the thirty-eighth run the
+    most uncertain frame anywhere past ``t + gap`` was taken, and labels jumped windows).
+    Audit frames and frames without a step are never capped; ``gap = 0`` caps nothing. Built
+    from the rows already stored, so that a restarted trainer keeps its window."""
 
     def __init__(self, gap: int, labelled_rows=(), seen_rows=()):
         self.gap = int(gap)
         self.last: dict = {}
+        self.window: dict = {}         # walker -> first step of its open window (plan)
         self.seen: dict = {}           # walker -> [highest step received, when (monotonic)]
         for r in labelled_rows:
             if self._capped(r):
@@ -93,18 +96,35 @@ class RateCap:
         prev = self.seen.get(w)
         self.seen[w] = [max(int(step), prev[0]) if prev else int(step), now]
 
+    def plan(self, rows) -> None:
+        """Open each walker's window at its first queued frame at or after the refusal line
+        (``rows``: the queued rows, before the verdicts on them)."""
+        self.window = {}
+        for r in rows:
+            if not (self.gap and self._capped(r)):
+                continue
+            w = r.get("walker") or 0
+            last = self.last.get(w)
+            step = int(r.get("step"))
+            if last is not None and step >= last + self.gap:
+                self.window[w] = min(step, self.window.get(w, step))
+
     def verdict(self, row, now: float | None = None) -> str:
         """``"ok"`` (may be labelled now), ``"skip"`` (before the walker's open window: refused
-        for good) or ``"wait"`` (in the open window, which is not complete yet)."""
+        for good) or ``"wait"`` (in the open window, which is not complete yet, or in a later
+        one). Without :meth:`plan` the window opens at the refusal line."""
         if not (self.gap and self._capped(row)):
             return "ok"
         w = row.get("walker") or 0
         last = self.last.get(w)
         if last is None:               # no label yet: the first one at once
             return "ok"
-        start = last + self.gap
-        if int(row.get("step")) < start:
+        step = int(row.get("step"))
+        if step < last + self.gap:
             return "skip"
+        start = max(self.window.get(w, last + self.gap), last + self.gap)
+        if step >= start + self.gap:   # a later window's frame
+            return "wait"
         seen = self.seen.get(w)
         now = time.monotonic() if now is None else now
         if seen is None or seen[0] >= start + self.gap or now - seen[1] >= WINDOW_IDLE_SECONDS:
