@@ -175,6 +175,40 @@ def test_frame_store_states_labels_and_recovery(tmp_path):
     assert {r.frame_id for r in st.rows(state="queued")} == {"w0-2", "w0-3"}
 
 
+def test_frame_store_keeps_its_queued_rows_in_memory_as_the_database_has_them(tmp_path):
+    """The in-memory queue (selection reads it between refinement steps) follows every write:
+    new frames, state changes, labels, refused labels and a crash recovery."""
+    from rarefly.trainer.store import FrameStore
+
+    st = FrameStore(tmp_path / "frames.db")
+
+    def same():
+        from_db = sorted((r.id, r.frame_id, r.get("step")) for r in st.rows(state="queued"))
+        cached = sorted((r.id, r.frame_id, r.get("step")) for r in st.queued())
+        assert cached == from_db
+        return [c[1] for c in cached]
+
+    ids = [st.add(_water((0.1 * i, 0, 0)), frame_id=f"f{i}", origin="flagged", step=i,
+                  sigma_E_raw=0.01 * i) for i in range(6)]
+    assert same() == [f"f{i}" for i in range(6)]            # loaded from the database
+    ids.append(st.add(_water((1, 0, 0)), frame_id="f6", origin="audit", step=6))
+    st.set_state(ids[0], "skipped", reason="near-duplicate")
+    st.set_state(ids[1], "labelling")
+    st.set_state(ids[2], "labelling")
+    st.add_label(ids[2], -1.0, np.zeros((3, 3)), "test")
+    st.set_state(ids[3], "labelling")
+    st.reject_label(ids[3], -1.0, np.full((3, 3), 99.0), "test", "too large")
+    assert same() == ["f4", "f5", "f6"]
+    assert st.recover() == 1                                 # f1 was being labelled
+    assert same() == ["f1", "f4", "f5", "f6"]
+    st.set_state(ids[4], "queued", reason="again")           # back to the queue by hand
+    assert same() == ["f1", "f4", "f5", "f6"]
+    assert FrameStore(tmp_path / "frames.db").queued()[0].frame_id == "f1"   # a restart reads it
+    row = next(r for r in st.queued() if r.frame_id == "f5")
+    assert row.sigma_E_raw == 0.05 and row.get("walker") is None
+    assert st.structure(row).positions[0, 0] == 0.5          # positions read when asked for
+
+
 def test_frame_store_keeps_periodic_structures(tmp_path):
     from rarefly.trainer.store import FrameStore
 

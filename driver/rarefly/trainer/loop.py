@@ -219,7 +219,7 @@ class Trainer:
         # finish meanwhile are the refined model's first calibration evidence (holding the
         # flagged frames back then left it none: bench_onthefly's twenty-second run)
         rescore = self.cfg.selection.rescore_flagged and not self._refining
-        queued = rank(self.store.rows(state="queued"))
+        queued = rank(self.store.queued())
         self.rate_cap.plan(queued)
         for row in queued:
             if free <= 0:

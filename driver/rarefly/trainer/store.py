@@ -29,13 +29,36 @@ from rarefly.prediction import Structure
 STATES = ("queued", "labelling", "labelled", "failed", "skipped")
 
 
+class QueuedRow:
+    """What selection reads of a queued row (its id and key-value pairs), kept in memory."""
+
+    __slots__ = ("id", "kv")
+
+    def __init__(self, row_id: int, kv: dict):
+        self.id, self.kv = int(row_id), kv
+
+    def get(self, key, default=None):
+        return self.kv.get(key, default)
+
+    def __getattr__(self, name):
+        try:
+            return self.kv[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
 class FrameStore:
+    """The trainer's frames and labels in an ASE database. The trainer is its only writer, so
+    the queued rows are also kept in memory (:meth:`queued`): reading a thousand of them back
+    through ASE took 0.25 s, and selection reads them between every two refinement steps."""
+
     def __init__(self, path: str | Path):
         from ase.db import connect
 
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = connect(str(self.path), type="db", append=True)
+        self._queued: dict[int, QueuedRow] | None = None     # loaded at the first queued()
 
     # ------------------------------------------------------------------ writing
     def add(self, structure: Structure, *, frame_id: str, origin: str, **meta) -> int | None:
@@ -48,11 +71,24 @@ class FrameStore:
                       cell=structure.cell, pbc=structure.pbc)
         kv = {"frame_id": frame_id, "state": "queued", "origin": origin}
         kv.update({k: _plain(v) for k, v in meta.items() if v is not None})
-        return self.db.write(atoms, key_value_pairs=kv)
+        row_id = self.db.write(atoms, key_value_pairs=kv)
+        if self._queued is not None:
+            self._queued[row_id] = QueuedRow(row_id, kv)
+        return row_id
 
     def set_state(self, row_id: int, state: str, **meta) -> None:
         assert state in STATES
         self.db.update(row_id, state=state, **{k: _plain(v) for k, v in meta.items() if v is not None})
+        self._requeue(row_id, state)
+
+    def _requeue(self, row_id: int, state: str) -> None:
+        if self._queued is None:
+            return
+        if state == "queued":
+            row = self.db.get(id=row_id)
+            self._queued[row_id] = QueuedRow(row_id, dict(row.key_value_pairs))
+        else:
+            self._queued.pop(row_id, None)
 
     def add_label(self, row_id: int, energy: float, forces: np.ndarray, reference: str,
                   energy_offset: float = 0.0) -> None:
@@ -60,6 +96,7 @@ class FrameStore:
         self.db.update(row_id, state="labelled", ref_energy=float(energy), reference=reference,
                        energy_offset=float(energy_offset), labelled_at=time.time(),
                        data={"ref_forces": np.asarray(forces, dtype=float)})
+        self._requeue(row_id, "labelled")
 
     def reject_label(self, row_id: int, energy: float, forces: np.ndarray, reference: str,
                      reason: str) -> None:
@@ -70,12 +107,14 @@ class FrameStore:
         self.db.update(row_id, state="failed", reason=reason[:300], reference=reference,
                        labelled_at=time.time(), **kept,
                        data={"rejected_forces": np.asarray(forces, dtype=float)})
+        self._requeue(row_id, "failed")
 
     def recover(self) -> int:
         """After a crash: rows left in ``labelling`` go back to ``queued``. Returns their count."""
         ids = [row.id for row in self.db.select(state="labelling")]
         for i in ids:
             self.db.update(i, state="queued")
+        self._queued = None
         return len(ids)
 
     # ------------------------------------------------------------------ reading
@@ -85,7 +124,16 @@ class FrameStore:
     def count(self, **selection) -> int:
         return self.db.count(**selection)
 
+    def queued(self) -> list[QueuedRow]:
+        """The queued rows (id and key-value pairs), in the order they were stored."""
+        if self._queued is None:
+            self._queued = {r.id: QueuedRow(r.id, dict(r.key_value_pairs))
+                            for r in self.db.select(state="queued")}
+        return list(self._queued.values())
+
     def structure(self, row) -> Structure:
+        if isinstance(row, QueuedRow):
+            row = self.db.get(id=row.id)
         return Structure(np.array(row.numbers), np.array(row.positions),
                          np.array(row.cell) if any(row.pbc) else None,
                          tuple(bool(p) for p in row.pbc))
