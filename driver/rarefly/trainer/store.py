@@ -79,9 +79,10 @@ class FrameStore:
     def set_state(self, row_id: int, state: str, **meta) -> None:
         assert state in STATES
         self.db.update(row_id, state=state, **{k: _plain(v) for k, v in meta.items() if v is not None})
-        self._requeue(row_id, state)
+        self._follow_state(row_id, state)
 
-    def _requeue(self, row_id: int, state: str) -> None:
+    def _follow_state(self, row_id: int, state: str) -> None:
+        """Keep the in-memory queue in step with a row's new state."""
         if self._queued is None:
             return
         if state == "queued":
@@ -96,7 +97,7 @@ class FrameStore:
         self.db.update(row_id, state="labelled", ref_energy=float(energy), reference=reference,
                        energy_offset=float(energy_offset), labelled_at=time.time(),
                        data={"ref_forces": np.asarray(forces, dtype=float)})
-        self._requeue(row_id, "labelled")
+        self._follow_state(row_id, "labelled")
 
     def reject_label(self, row_id: int, energy: float, forces: np.ndarray, reference: str,
                      reason: str) -> None:
@@ -107,7 +108,7 @@ class FrameStore:
         self.db.update(row_id, state="failed", reason=reason[:300], reference=reference,
                        labelled_at=time.time(), **kept,
                        data={"rejected_forces": np.asarray(forces, dtype=float)})
-        self._requeue(row_id, "failed")
+        self._follow_state(row_id, "failed")
 
     def recover(self) -> int:
         """After a crash: rows left in ``labelling`` go back to ``queued``. Returns their count."""
