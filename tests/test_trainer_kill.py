@@ -549,6 +549,65 @@ def test_a_label_finished_during_a_refinement_is_stored_at_once_and_learned_befo
     assert load_posterior(model).model_version == refined
 
 
+def test_labels_finished_during_a_refinement_get_their_own_refinement_without_a_new_label(
+        tmp_path, model_file):
+    """When as many labels finished during a refinement as make the next one due, the trainer
+    refines on them at its next update, not only after one more label: once the budget is
+    spent or the MD is done no label follows, and the final model was refined on a few of its
+    labels (bench_onthefly's forty-first run: 5 of 26). Real xTB, real MACE."""
+    from concurrent.futures import Future
+
+    from rarefly.trainer.labelling import ExecutorSpec
+    from rarefly.trainer.loop import Trainer, TrainerConfig
+    from rarefly.trainer.reference import ReferenceSpec, label
+    from rarefly.trainer.store import FrameStore
+
+    model = tmp_path / "model.rfly"
+    model.write_bytes(Path(model_file).read_bytes())
+    ref = ReferenceSpec("xtb")
+    frames = _frames(3)
+    st = FrameStore(tmp_path / "frames.db")
+    st.add_label(st.add(frames[0], frame_id="f0", origin="flagged"),
+                 *label(ref, frames[0].numbers, frames[0].positions), ref.describe())
+    late = [st.add(s, frame_id=f"f{k}", origin="flagged") for k, s in enumerate(frames[1:], 1)]
+    del st
+    cfg = TrainerConfig(model=str(model), database=str(tmp_path / "frames.db"),
+                        endpoint=f"ipc://{tmp_path}/learn", reference=ref,
+                        executor=ExecutorSpec("threads"), align_energies=False,
+                        backbone_steps=3, backbone_every=2)
+    tr = Trainer(cfg)
+    try:
+        futures = []
+        for row, s in zip(late, frames[1:]):   # both finish during the first refinement
+            f = Future()
+            tr.store.set_state(row, "labelling")
+            tr._in_flight[row] = (f, s)
+            futures.append((f, label(ref, s.numbers, s.positions)))
+        real = tr._keep_labelling
+
+        def between():
+            for f, result in futures:
+                f.set_result(result) if not f.done() else None
+            return real()
+
+        tr._keep_labelling = between
+        tr._labels_since_refine = 1            # with the stored label: the first is due
+        assert tr.maybe_update()               # refined on 1 label, 2 learned late
+        assert tr._labels_since_refine == 2 and tr._new_since_update == 0
+        assert tr.maybe_update()               # no new label, and yet: refined on all 3
+        assert not tr.maybe_update()           # now nothing is owed
+        events = _events(tmp_path / "frames.jsonl")
+        refines = [e for e in events if e["event"] == "refine"]
+        assert [e["labels"] for e in refines] == [1, 3]
+        publish = [e for e in events if e["event"] == "publish"]
+        assert [e["gradient_steps"] for e in publish[-2:]] == [3, 3]
+        used = [r.get("used_in_version") for r in FrameStore(tmp_path / "frames.db").rows(
+            state="labelled")]
+        assert len(used) == 3 and None not in used   # every label is in a published model
+    finally:
+        tr.close()
+
+
 def test_sigusr1_finishes_labels_in_flight_and_the_refinement_due(tmp_path, model_file, child_env):
     """`rarefly run` sends SIGUSR1 when i-PI has done its steps. The real `rarefly trainer`
     (Parsl local worker, GFN2-xTB that sleeps) then starts no new reference call, collects the
