@@ -2,7 +2,7 @@
 it receives for at most 5 ms between two Adam steps, so its intake, not the reference, can
 decide which frames get labelled: in bench_onthefly's forty-first run the biased scheme's
 drivers flagged ~6 frames a second and the trainer, committing each frame on its own (18 ms a frame on that run's database),
-was labelling frames about 1000 MD steps old by the end of its first refinement.
+was labelling frames over 1000 MD steps old by the end of its first refinement.
 
 Measured in one run, on the same alanine-dipeptide frames through a real zmq PUSH/PULL pair:
 - baseline: each frame decoded and committed on its own (``FrameStore.add`` outside a

@@ -173,8 +173,9 @@ class Trainer:
         are committed to the database in one transaction before this returns (1-2 ms a frame;
         one commit per frame cost 5-18 ms, ``benchmarks/bench_frame_intake.out``, and with
         5 ms of receiving per Adam step during a refinement the biased scheme of
-        bench_onthefly's forty-first run was labelling frames 1000 MD steps old); a frame labelled by the driver (guarantee mode) is stored
-        with its label after that. Returns the frames stored.
+        bench_onthefly's forty-first run was labelling frames over 1000 MD steps old); a
+        frame labelled by the driver (guarantee mode) is stored with its label after that.
+        Returns the frames stored.
         """
         import zmq
 
