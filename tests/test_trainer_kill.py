@@ -552,9 +552,10 @@ def test_a_label_finished_during_a_refinement_is_stored_at_once_and_learned_befo
 def test_labels_finished_during_a_refinement_get_their_own_refinement_without_a_new_label(
         tmp_path, model_file):
     """When as many labels finished during a refinement as make the next one due, the trainer
-    refines on them at its next update, not only after one more label: once the budget is
-    spent or the MD is done no label follows, and the final model was refined on a few of its
-    labels (bench_onthefly's forty-first run: 5 of 26). Real xTB, real MACE."""
+    refines on them at its next update, not only after one more label, and does so before it
+    stops at its budget: once the budget is spent or the MD is done no label follows, and the
+    final model was refined on a few of its labels (bench_onthefly's forty-first and
+    forty-second runs: 5 of 26 and of 30). Real xTB, real MACE."""
     from concurrent.futures import Future
 
     from rarefly.trainer.labelling import ExecutorSpec
@@ -592,11 +593,11 @@ def test_labels_finished_during_a_refinement_get_their_own_refinement_without_a_
 
         tr._keep_labelling = between
         tr._labels_since_refine = 1            # with the stored label: the first is due
-        assert tr.maybe_update()               # refined on 1 label, 2 learned late
-        assert tr._labels_since_refine == 2 and tr._new_since_update == 0
-        assert tr.maybe_update()               # no new label, and yet: refined on all 3
-        assert not tr.maybe_update()           # now nothing is owed
+        tr.cfg.max_labels = 3                  # the two in flight spend the budget
+        tr.run(max_seconds=300)                # refines on 1 label, 2 finish meanwhile: then
+        assert not tr._refinement_owed()       # no label will come, and yet it refines on 3
         events = _events(tmp_path / "frames.jsonl")
+        assert [e["event"] for e in events][-3:] == ["publish", "budget", "stop"]
         refines = [e for e in events if e["event"] == "refine"]
         assert [e["labels"] for e in refines] == [1, 3]
         publish = [e for e in events if e["event"] == "publish"]
@@ -605,7 +606,8 @@ def test_labels_finished_during_a_refinement_get_their_own_refinement_without_a_
             state="labelled")]
         assert len(used) == 3 and None not in used   # every label is in a published model
     finally:
-        tr.close()
+        if tr.sock is not None and not tr.sock.closed:
+            tr.close()
 
 
 def test_sigusr1_finishes_labels_in_flight_and_the_refinement_due(tmp_path, model_file, child_env):

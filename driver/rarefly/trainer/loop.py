@@ -590,7 +590,8 @@ class Trainer:
                 self.select_and_submit()
                 self.collect()
                 self.maybe_update()
-                settled = not self._in_flight and self._new_since_update == 0 and not self._stored_unlearned
+                settled = (not self._in_flight and self._new_since_update == 0
+                           and not self._stored_unlearned and not self._refinement_owed())
                 if self.cfg.max_labels is not None and self.labels_done() >= self.cfg.max_labels \
                         and settled:
                     self._event("budget", labels=self.labels_done())
