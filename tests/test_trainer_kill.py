@@ -67,6 +67,16 @@ def _db_rows(path):
                                        r.get("labelled_at")) for r in db.select()], path)
 
 
+def _xtb_config(tmp_path, model, ref, **kw):
+    """A trainer on ``tmp_path``'s database and ``model``, labelling with ``ref`` in threads."""
+    from rarefly.trainer.labelling import ExecutorSpec
+    from rarefly.trainer.loop import TrainerConfig
+
+    return TrainerConfig(model=str(model), database=str(tmp_path / "frames.db"),
+                         endpoint=f"ipc://{tmp_path}/learn", reference=ref,
+                         executor=ExecutorSpec("threads"), align_energies=False, **kw)
+
+
 def _events(path):
     return read_events(path)
 
@@ -210,8 +220,7 @@ def test_restart_relearns_exactly_the_labels_the_model_file_lacks(tmp_path, mode
     in the model file, one marked for a version whose file was never written, one stored but
     not yet learned, one in flight. The restarted trainer learns the middle two, once."""
     from rarefly.model_file import load_model_file
-    from rarefly.trainer.labelling import ExecutorSpec
-    from rarefly.trainer.loop import Trainer, TrainerConfig
+    from rarefly.trainer.loop import Trainer
     from rarefly.trainer.reference import ReferenceSpec, label
     from rarefly.trainer.store import FrameStore
 
@@ -230,9 +239,7 @@ def test_restart_relearns_exactly_the_labels_the_model_file_lacks(tmp_path, mode
         else:
             st.set_state(rid, "labelling")
     del st
-    tr = Trainer(TrainerConfig(model=str(model), database=str(tmp_path / "frames.db"),
-                               endpoint=f"ipc://{tmp_path}/learn", reference=ref,
-                               executor=ExecutorSpec("threads"), align_energies=False))
+    tr = Trainer(_xtb_config(tmp_path, model, ref))
     try:
         assert sorted(f.info["frame_id"] for f in tr._new_frames) == ["f1", "f2"]
         assert len(tr._pending_cal) == 2
@@ -258,8 +265,7 @@ def test_backbone_refinement_learns_all_weights_and_restarts_from_the_same_prior
     import torch
 
     from rarefly.posterior import load_posterior
-    from rarefly.trainer.labelling import ExecutorSpec
-    from rarefly.trainer.loop import Trainer, TrainerConfig
+    from rarefly.trainer.loop import Trainer
     from rarefly.trainer.reference import ReferenceSpec, label
     from rarefly.trainer.store import FrameStore
 
@@ -284,11 +290,8 @@ def test_backbone_refinement_learns_all_weights_and_restarts_from_the_same_prior
     write(replay, read(DATA_DIR / "foundation_train.xyz", index=":4"))
 
     def config():
-        return TrainerConfig(model=str(model), database=str(tmp_path / "frames.db"),
-                             endpoint=f"ipc://{tmp_path}/learn", reference=ref,
-                             executor=ExecutorSpec("threads"), align_energies=False,
-                             backbone_steps=40, backbone_every=2, backbone_replay=str(replay),
-                             replay_energies=True)
+        return _xtb_config(tmp_path, model, ref, backbone_steps=40, backbone_every=2,
+                           backbone_replay=str(replay), replay_energies=True)
 
     def force_rmse(post):
         preds = post.predict(frames[:3])
@@ -340,8 +343,7 @@ def test_restart_between_refinements_does_not_count_labels_twice(tmp_path, model
     import torch
 
     from rarefly.posterior import load_posterior
-    from rarefly.trainer.labelling import ExecutorSpec
-    from rarefly.trainer.loop import Trainer, TrainerConfig
+    from rarefly.trainer.loop import Trainer
     from rarefly.trainer.reference import ReferenceSpec, label
     from rarefly.trainer.store import FrameStore
 
@@ -354,10 +356,7 @@ def test_restart_between_refinements_does_not_count_labels_twice(tmp_path, model
     st.add_label(st.add(s, frame_id="f0", origin="flagged"), *label(ref, s.numbers, s.positions),
                  ref.describe())
     del st
-    cfg = TrainerConfig(model=str(model), database=str(tmp_path / "frames.db"),
-                        endpoint=f"ipc://{tmp_path}/learn", reference=ref,
-                        executor=ExecutorSpec("threads"), align_energies=False,
-                        backbone_steps=5, backbone_every=100)
+    cfg = _xtb_config(tmp_path, model, ref, backbone_steps=5, backbone_every=100)
     tr = Trainer(cfg)
     try:
         assert tr.maybe_update()                   # readout-only: no refinement due yet
@@ -389,8 +388,7 @@ def test_a_stopping_trainer_publishes_every_label_without_waiting_for_a_refineme
 
     from rarefly.calibration import PRIOR_A, PRIOR_B
     from rarefly.posterior import load_posterior
-    from rarefly.trainer.labelling import ExecutorSpec
-    from rarefly.trainer.loop import Trainer, TrainerConfig
+    from rarefly.trainer.loop import Trainer
     from rarefly.trainer.reference import ReferenceSpec, label
     from rarefly.trainer.store import FrameStore
 
@@ -406,10 +404,8 @@ def test_a_stopping_trainer_publishes_every_label_without_waiting_for_a_refineme
             st.add_label(st.add(s, frame_id=f"f{k}", origin="flagged"),
                          *label(ref, s.numbers, s.positions), ref.describe())
 
-    cfg = TrainerConfig(model=str(model), database=str(tmp_path / "frames.db"),
-                        endpoint=f"ipc://{tmp_path}/learn", reference=ref,
-                        executor=ExecutorSpec("threads"), align_energies=False,
-                        backbone_steps=1500, backbone_every=2, recalibrate_after_refinement=True)
+    cfg = _xtb_config(tmp_path, model, ref, backbone_steps=1500, backbone_every=2,
+                      recalibrate_after_refinement=True)
 
     def weights(post):
         return {k: v.clone() for k, v in post.backbone.model.state_dict().items() if v.is_floating_point()}
@@ -488,8 +484,7 @@ def test_a_label_finished_during_a_refinement_is_stored_at_once_and_learned_befo
     from concurrent.futures import Future
 
     from rarefly.posterior import load_posterior
-    from rarefly.trainer.labelling import ExecutorSpec
-    from rarefly.trainer.loop import Trainer, TrainerConfig
+    from rarefly.trainer.loop import Trainer
     from rarefly.trainer.reference import ReferenceSpec, label
     from rarefly.trainer.store import FrameStore
 
@@ -503,10 +498,7 @@ def test_a_label_finished_during_a_refinement_is_stored_at_once_and_learned_befo
                      *label(ref, s.numbers, s.positions), ref.describe())
     late = st.add(frames[2], frame_id="f2", origin="flagged")
     del st
-    cfg = TrainerConfig(model=str(model), database=str(tmp_path / "frames.db"),
-                        endpoint=f"ipc://{tmp_path}/learn", reference=ref,
-                        executor=ExecutorSpec("threads"), align_energies=False,
-                        backbone_steps=3, backbone_every=2)
+    cfg = _xtb_config(tmp_path, model, ref, backbone_steps=3, backbone_every=2)
     result = label(ref, frames[2].numbers, frames[2].positions)
     start = load_posterior(model)
     tr = Trainer(cfg)
@@ -558,8 +550,7 @@ def test_labels_finished_during_a_refinement_get_their_own_refinement_without_a_
     forty-second runs: 5 of 26 and of 30). Real xTB, real MACE."""
     from concurrent.futures import Future
 
-    from rarefly.trainer.labelling import ExecutorSpec
-    from rarefly.trainer.loop import Trainer, TrainerConfig
+    from rarefly.trainer.loop import Trainer
     from rarefly.trainer.reference import ReferenceSpec, label
     from rarefly.trainer.store import FrameStore
 
@@ -572,10 +563,7 @@ def test_labels_finished_during_a_refinement_get_their_own_refinement_without_a_
                  *label(ref, frames[0].numbers, frames[0].positions), ref.describe())
     late = [st.add(s, frame_id=f"f{k}", origin="flagged") for k, s in enumerate(frames[1:], 1)]
     del st
-    cfg = TrainerConfig(model=str(model), database=str(tmp_path / "frames.db"),
-                        endpoint=f"ipc://{tmp_path}/learn", reference=ref,
-                        executor=ExecutorSpec("threads"), align_energies=False,
-                        backbone_steps=3, backbone_every=2)
+    cfg = _xtb_config(tmp_path, model, ref, backbone_steps=3, backbone_every=2)
     tr = Trainer(cfg)
     try:
         futures = []
