@@ -202,8 +202,33 @@ psi: TORSION ATOMS=7,9,15,17
 """
 
 
+def bond_walls(at_xh: float, at_heavy: float, kappa: float = 50.0) -> str:
+    """PLUMED lines that keep the start structure's covalent bonds (ASE's natural cutoffs):
+    a harmonic upper wall (KAPPA eV/A^2) on the longest X-H bond beyond ``at_xh`` A and on the
+    longest bond between heavy atoms beyond ``at_heavy`` A. In the forty-fourth run the METAD
+    on (sigma_E, phi) took c_ts's walker where the model is soft in an N-H stretch, and 6 of
+    its 15 labels were of the broken molecule (~5 eV up in xTB)."""
+    from ase.io import read
+    from ase.neighborlist import NeighborList, natural_cutoffs
+
+    a = read(START)
+    nl = NeighborList(natural_cutoffs(a), self_interaction=False, bothways=False)
+    nl.update(a)
+    bonds = [(i, int(j)) for i in range(len(a)) for j in nl.get_neighbors(i)[0]]
+    xh = [b for b in bonds if 1 in (a.numbers[b[0]], a.numbers[b[1]])]
+    heavy = [b for b in bonds if b not in xh]
+
+    def atoms(pairs):
+        return " ".join(f"ATOMS{k + 1}={i + 1},{j + 1}" for k, (i, j) in enumerate(pairs))
+
+    return (f"xh: DISTANCES {atoms(xh)} HIGHEST\nheavy: DISTANCES {atoms(heavy)} HIGHEST\n"
+            f"bondwall: UPPER_WALLS ARG=xh.highest,heavy.highest AT={at_xh:g},{at_heavy:g} "
+            f"KAPPA={kappa:g},{kappa:g} EXP=2,2\n")
+
+
 def plumed_bias(name: str, width: float, temperature: float, mean: float = 0.0,
-                hill_kt: float = 1.0, phi_window: tuple[float, float] = (-150.0, 100.0)) -> str:
+                hill_kt: float = 1.0, phi_window: tuple[float, float] = (-150.0, 100.0),
+                bonds: tuple[float, float] | None = None) -> str:
     kt = 8.617333e-5 * temperature
     height = hill_kt * kt
     if name in ("c_metad2d", "c_ts"):
@@ -229,6 +254,9 @@ def plumed_bias(name: str, width: float, temperature: float, mean: float = 0.0,
                  f"\nout: CUSTOM ARG=phi VAR=x FUNC=cos(x-{centre:.4f}) PERIODIC=NO"
                  f"\nphiwall: UPPER_WALLS ARG=out AT={np.cos(half):.4f} KAPPA=5 EXP=2")
         printed += ",swall.bias,phiwall.bias"
+    if bonds:
+        line += "\n" + bond_walls(*bonds).rstrip("\n")
+        printed += ",xh.highest,heavy.highest,bondwall.bias"
     return HEAD + line + f"\nPRINT ARG={printed} STRIDE=1 FILE=COLVAR\n"
 
 
@@ -482,6 +510,9 @@ def main() -> int:
     ap.add_argument("--wall-minutes", type=float, default=10.0)
     ap.add_argument("--phi-window", type=float, nargs=2, default=(-150.0, 100.0), metavar=("LO", "HI"),
                     help="c_ts: the wall keeps phi in [LO, HI] degrees (default -150 100)")
+    ap.add_argument("--bond-walls", type=float, nargs=2, default=None, metavar=("XH", "HEAVY"),
+                    help="biased schemes: upper walls (50 eV/A^2) on the longest X-H bond beyond "
+                         "XH A and the longest heavy-atom bond beyond HEAVY A (e.g. 1.35 1.9)")
     ap.add_argument("--hill-kt", type=float, default=1.0,
                     help="METAD hill height of the c schemes in kT (default 1)")
     ap.add_argument("--backbone-steps", type=int, default=0,
@@ -589,7 +620,7 @@ def main() -> int:
             width = max(sig[1], 1e-3)
             plumed = WORK / f"{name}.plumed.dat"
             text = plumed_bias(name, width, args.temperature, sig[0], args.hill_kt,
-                               tuple(args.phi_window))
+                               tuple(args.phi_window), args.bond_walls)
             plumed.write_text(text)
             bias_lines = "; ".join(text.splitlines()[len(HEAD.splitlines()):-1])
             print(f"--- {name}: sigma_E in a_paper mean {sig[0]:.4f} std {sig[1]:.4f} eV; "
