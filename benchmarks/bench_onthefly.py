@@ -266,6 +266,8 @@ def write_config(name: str, args, epsilon: float, level: float, audit: float,
     cfg = d.parent / f"{name}.toml"
     bias = f'[bias]\nplumed_file = "{plumed}"\n\n' if plumed else ""
     replay = f'backbone_replay = "{args.backbone_replay.resolve()}"\n' if args.backbone_replay else ""
+    calls = ("" if args.calls_while_refining is None
+             else f"calls_while_refining = {args.calls_while_refining}\n")
     cfg.write_text(f"""# written by benchmarks/bench_onthefly.py
 [system]
 structure = "{START}"
@@ -286,7 +288,7 @@ mode = "async"
 update_every = 1
 backbone_steps = {args.backbone_steps}
 backbone_every = {args.backbone_every}
-{replay}min_step_gap = {args.min_step_gap}
+{calls}{replay}min_step_gap = {args.min_step_gap}
 duplicate_distance = {args.duplicate_distance}
 calibration_memory = {args.calibration_memory}
 recalibrate_after_refinement = {"true" if args.recalibrate else "false"}
@@ -520,6 +522,10 @@ def main() -> int:
                          "0: readout-only learning)")
     ap.add_argument("--backbone-every", type=int, default=10,
                     help="labels between refinements ([learning] backbone_every)")
+    ap.add_argument("--calls-while-refining", type=int, default=None, metavar="N",
+                    help="reference calls that may start during a refinement ([learning] "
+                         "calls_while_refining; default: the trainer's, --backbone-every; "
+                         "before the forty-eighth run there was no limit)")
     ap.add_argument("--backbone-replay", type=Path, default=None,
                     help="the start model's fit frames, replayed in every refinement "
                          "([learning] backbone_replay)")
@@ -573,6 +579,8 @@ def main() -> int:
                           f"{args.backbone_every} labels {args.backbone_steps} Adam steps on all "
                           "MACE weights ([learning] backbone_steps)"
                           + (f", replaying {args.backbone_replay.name}" if args.backbone_replay else "")
+                          + (f"; at most {args.backbone_every if args.calls_while_refining is None else args.calls_while_refining}"
+                             " reference calls start during a refinement ([learning] calls_while_refining)")
                           if args.backbone_steps else
                           "readout posterior conditioned on each label (closed form)")
           + (f"; rate cap: at most one flagged frame labelled per {args.min_step_gap} MD steps "

@@ -285,6 +285,17 @@ def test_backbone_refinement_reaches_the_trainer_and_bad_values_are_refused(tmp_
           "[learning] backbone_replay", check_code=False)
 
 
+def test_calls_while_refining_reaches_the_trainer_and_its_parser(tmp_path, ethanol_xyz):
+    run, cmd, args = _trainer_command(tmp_path, ethanol_xyz,
+                                      "backbone_steps = 10\ncalls_while_refining = 0")
+    assert cmd[cmd.index("--calls-while-refining") + 1] == "0"
+    assert args.calls_while_refining == 0
+    run, cmd, args = _trainer_command(tmp_path, ethanol_xyz, "backbone_steps = 10")
+    assert "--calls-while-refining" not in cmd and args.calls_while_refining is None
+    fails(write(tmp_path, "[learning]\ncalls_while_refining = -1\n", structure=ethanol_xyz),
+          "[learning] calls_while_refining", "zero or more", check_code=False)
+
+
 def _trainer_command(tmp_path, ethanol_xyz, learning: str):
     """The config's [learning] lines -> (run, trainer command line, what `rarefly trainer` parses)."""
     import argparse

@@ -359,6 +359,45 @@ def test_rate_cap_labels_one_flagged_frame_per_step_window_and_survives_a_restar
     assert st2.count(state="labelling") == 5
 
 
+def test_a_refinement_starts_at_most_its_share_of_reference_calls(tmp_path):
+    """[learning] calls_while_refining: while the backbone refines, at most that many calls
+    start (default backbone_every, the labels the next refinement takes); the other frames
+    stay queued for the refined model. Outside a refinement the workers take them."""
+    from types import SimpleNamespace
+
+    from rarefly.trainer.loop import Trainer
+    from rarefly.trainer.selection import Deduplicator, RateCap, SelectionPolicy
+    from rarefly.trainer.store import FrameStore
+
+    def trainer(name, **cfg):
+        t = Trainer.__new__(Trainer)              # only what select_and_submit() uses
+        t.cfg = SimpleNamespace(max_labels=None, backbone_every=3,
+                                selection=SelectionPolicy(max_in_flight=100), **cfg)
+        t.store, t.dedup, t.rate_cap = FrameStore(tmp_path / name), Deduplicator(0.0), RateCap(0)
+        t._in_flight, t._finishing, t._refining, t._calls_this_refinement = {}, False, True, 0
+        t.labeller = SimpleNamespace(submit=lambda s: None)
+        t.labels_done = lambda: 0
+        for i in range(8):
+            t.store.add(_water((0.05 * i, 0, 0)), frame_id=f"f{i}", step=10 * i,
+                        origin="audit" if i == 0 else "flagged")
+        return t
+
+    t = trainer("default.db", calls_while_refining=None)
+    t.select_and_submit()
+    assert t.store.count(state="labelling") == 3 == t._calls_this_refinement
+    t.select_and_submit()                         # the refinement's share is spent
+    assert t.store.count(state="labelling") == 3 and t.store.count(state="queued") == 5
+    t._refining = False                           # published: the queue goes on
+    t.select_and_submit()
+    assert t.store.count(state="labelling") == 8
+    t = trainer("none.db", calls_while_refining=0)
+    t.select_and_submit()
+    assert t.store.count(state="labelling") == 0
+    t = trainer("seven.db", calls_while_refining=7)
+    t.select_and_submit()
+    assert t.store.count(state="labelling") == 7
+
+
 def test_rate_cap_picks_the_most_uncertain_frame_of_each_window_as_frames_stream_in():
     """Frames arriving one step at a time: the cap waits for each window to be complete and
     takes its most uncertain frame, not the first frame past the gap; a walker that falls
@@ -445,7 +484,7 @@ def test_trainer_keeps_reference_workers_busy_during_a_refinement(tmp_path):
     t.posterior = SimpleNamespace(offset_energy=lambda numbers, energy: energy)
     t.sock = _pull(endpoint)
     t._stop, t._t_end, t._finishing = False, None, False   # not stopping: the refinement goes on
-    t._refining, t._stored_unlearned = True, []
+    t._refining, t._stored_unlearned, t._calls_this_refinement = True, [], 0
     done = Future()
     done.set_result((-1.0, np.zeros((3, 3))))
     first = t.store.add(_water(), frame_id="first", origin="flagged")

@@ -453,6 +453,8 @@ class OnTheFlyRun:
         if cfg.learning.backbone_steps:
             cmd += ["--backbone-steps", str(cfg.learning.backbone_steps),
                     "--backbone-every", str(cfg.learning.backbone_every)]
+            if cfg.learning.calls_while_refining is not None:
+                cmd += ["--calls-while-refining", str(cfg.learning.calls_while_refining)]
             if cfg.learning.backbone_replay is not None:
                 cmd += ["--backbone-replay", str(cfg.learning.backbone_replay)]
         if cfg.learning.min_step_gap:

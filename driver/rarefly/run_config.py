@@ -139,6 +139,12 @@ class LearningConfig:
     28)."""
     backbone_every: int = 10
     """Labels between backbone refinements (default 10)."""
+    calls_while_refining: int | None = None
+    """At most this many reference calls start while a backbone refinement runs; the frames
+    flagged meanwhile stay queued and the refined model asks them again (``rescore_flagged``),
+    so a frame it trusts costs no call (default: ``backbone_every``, the labels the next
+    refinement takes; 0: none). Without it the calls outran the learning: in
+    benchmarks/bench_onthefly.out runs 46-47 a 90 s refinement saw 14-25 calls."""
     backbone_replay: Path | None = None
     """extxyz or ASE db of the frames the starting model was fitted on: half of every
     refinement batch, so that new labels do not undo the old fit (default: none)."""
@@ -460,6 +466,7 @@ _CONVERT = {
     ("learning", "update_every"): _positive(lambda v, w, b: _int(v, w)),
     ("learning", "backbone_steps"): _positive(lambda v, w, b: _int(v, w), strict=False),
     ("learning", "backbone_every"): _positive(lambda v, w, b: _int(v, w)),
+    ("learning", "calls_while_refining"): _positive(lambda v, w, b: _int(v, w), strict=False),
     ("learning", "backbone_replay"): _path,
     ("learning", "duplicate_distance"): _positive(_q(LENGTH_UNITS, "A"), strict=False),
     ("learning", "min_step_gap"): _positive(lambda v, w, b: _int(v, w), strict=False),

@@ -55,6 +55,11 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone-every", type=whole_number(1, "a positive number of labels"),
                    default=10, metavar="K",
                    help="labels between backbone refinements (default 10)")
+    p.add_argument("--calls-while-refining", type=whole_number(0, "a number of calls (0 or more)"),
+                   default=None, metavar="N",
+                   help="at most N reference calls start while a backbone refinement runs; the "
+                        "frames flagged meanwhile wait for the refined model, which asks them "
+                        "again (default: --backbone-every, the labels the next refinement takes)")
     p.add_argument("--backbone-replay", metavar="FILE",
                    help="frames the starting model was fitted on (extxyz or ASE db): half of every "
                         "refinement batch, so that new labels do not undo the old fit")
@@ -167,6 +172,7 @@ def run(args) -> int:
                             align_energies=not args.no_align, holdout=args.holdout,
                             backbone_steps=args.backbone_steps, backbone_every=args.backbone_every,
                             backbone_lr=args.backbone_lr, backbone_replay=args.backbone_replay,
+                            calls_while_refining=args.calls_while_refining,
                             calibration_memory=args.calibration_memory,
                             recalibrate_after_refinement=args.recalibrate_after_refinement,
                             replay_energies=args.replay_energies,
