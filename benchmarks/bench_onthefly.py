@@ -580,7 +580,7 @@ def main() -> int:
                           "MACE weights ([learning] backbone_steps)"
                           + (f", replaying {args.backbone_replay.name}" if args.backbone_replay else "")
                           + (f"; at most {args.backbone_every if args.calls_while_refining is None else args.calls_while_refining}"
-                             " reference calls start during a refinement ([learning] calls_while_refining)")
+                             " flagged frames labelled during a refinement ([learning] calls_while_refining)")
                           if args.backbone_steps else
                           "readout posterior conditioned on each label (closed form)")
           + (f"; rate cap: at most one flagged frame labelled per {args.min_step_gap} MD steps "

@@ -360,9 +360,11 @@ def test_rate_cap_labels_one_flagged_frame_per_step_window_and_survives_a_restar
 
 
 def test_a_refinement_starts_at_most_its_share_of_reference_calls(tmp_path):
-    """[learning] calls_while_refining: while the backbone refines, at most that many calls
-    start (default backbone_every, the labels the next refinement takes); the other frames
-    stay queued for the refined model. Outside a refinement the workers take them."""
+    """[learning] calls_while_refining: while the backbone refines, at most that many flagged
+    frames go to the reference (default backbone_every, the labels the next refinement
+    takes); the others stay queued for the refined model. Audit frames are neither counted
+    nor held (ranked first, they took the whole share in bench_onthefly's fifty-first run).
+    Outside a refinement the workers take everything."""
     from types import SimpleNamespace
 
     from rarefly.trainer.loop import Trainer
@@ -382,20 +384,24 @@ def test_a_refinement_starts_at_most_its_share_of_reference_calls(tmp_path):
                         origin="audit" if i == 0 else "flagged")
         return t
 
+    def sent(t, origin):
+        return sum(r.origin == origin for r in t.store.rows(state="labelling"))
+
     t = trainer("default.db", calls_while_refining=None)
     t.select_and_submit()
-    assert t.store.count(state="labelling") == 3 == t._calls_this_refinement
-    t.select_and_submit()                         # the refinement's share is spent
-    assert t.store.count(state="labelling") == 3 and t.store.count(state="queued") == 5
+    assert (sent(t, "audit"), sent(t, "flagged")) == (1, 3) and t._calls_this_refinement == 3
+    t.store.add(_water((0.9, 0, 0)), frame_id="late-audit", step=90, origin="audit")
+    t.select_and_submit()                         # the share is spent; an audit still goes
+    assert (sent(t, "audit"), sent(t, "flagged")) == (2, 3) and t.store.count(state="queued") == 4
     t._refining = False                           # published: the queue goes on
     t.select_and_submit()
-    assert t.store.count(state="labelling") == 8
+    assert t.store.count(state="labelling") == 9
     t = trainer("none.db", calls_while_refining=0)
     t.select_and_submit()
-    assert t.store.count(state="labelling") == 0
+    assert (sent(t, "audit"), sent(t, "flagged")) == (1, 0)
     t = trainer("seven.db", calls_while_refining=7)
     t.select_and_submit()
-    assert t.store.count(state="labelling") == 7
+    assert (sent(t, "audit"), sent(t, "flagged")) == (1, 7)
 
 
 def test_rate_cap_picks_the_most_uncertain_frame_of_each_window_as_frames_stream_in():

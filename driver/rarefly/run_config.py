@@ -140,10 +140,10 @@ class LearningConfig:
     backbone_every: int = 10
     """Labels between backbone refinements (default 10)."""
     calls_while_refining: int | None = None
-    """At most this many reference calls start while a backbone refinement runs; the frames
-    flagged meanwhile stay queued and the refined model asks them again (``rescore_flagged``),
-    so a frame it trusts costs no call (default: ``backbone_every``, the labels the next
-    refinement takes; 0: none). Without it the calls outran the learning: in
+    """At most this many flagged frames go to the reference while a backbone refinement runs;
+    the others stay queued and the refined model asks them again (``rescore_flagged``), so a
+    frame it trusts costs no call (default: ``backbone_every``, the labels the next refinement
+    takes; 0: none; audit frames are not held). Without it the calls outran the learning: in
     benchmarks/bench_onthefly.out runs 46-47 a 90 s refinement saw 14-25 calls."""
     backbone_replay: Path | None = None
     """extxyz or ASE db of the frames the starting model was fitted on: half of every

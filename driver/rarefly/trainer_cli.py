@@ -57,9 +57,10 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="labels between backbone refinements (default 10)")
     p.add_argument("--calls-while-refining", type=whole_number(0, "a number of calls (0 or more)"),
                    default=None, metavar="N",
-                   help="at most N reference calls start while a backbone refinement runs; the "
-                        "frames flagged meanwhile wait for the refined model, which asks them "
-                        "again (default: --backbone-every, the labels the next refinement takes)")
+                   help="at most N flagged frames go to the reference while a backbone refinement "
+                        "runs; the others wait for the refined model, which asks them again "
+                        "(default: --backbone-every, the labels the next refinement takes; audit "
+                        "frames are not held)")
     p.add_argument("--backbone-replay", metavar="FILE",
                    help="frames the starting model was fitted on (extxyz or ASE db): half of every "
                         "refinement batch, so that new labels do not undo the old fit")
