@@ -45,7 +45,6 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
-import numpy as np  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -54,20 +53,12 @@ KCAL = 0.0433641043  # eV
 SCHEMES = ("a_paper", "b_periodic", "c_metad2d", "c_metad", "c_ts")
 
 
-def ts_force_rmse(post, frames) -> tuple[float, float]:
-    from rarefly.posterior.base import predict_in_chunks
-
-    preds = predict_in_chunks(post, [f.structure for f in frames])
-    df = np.concatenate([(p.forces - f.forces).ravel() for p, f in zip(preds, frames)])
-    de = np.array([p.energy - post.offset_energy(f.structure.numbers, f.energy)
-                   for p, f in zip(preds, frames)])
-    return float(np.sqrt(np.mean(df ** 2))), float(np.sqrt(np.mean(de ** 2)))
-
-
 def replay_curve(start, labels, origins, ts, replay, steps: int, every: int, lr: float,
                  log=print) -> list[dict]:
     """The trainer's schedule on ``labels`` (in labelling order) from the model ``start``:
     one point per label, TS force and energy RMSE after it."""
+    from check_refinement import evaluate
+
     post = copy.deepcopy(start)
     anchor = {k: v.detach().clone() for k, v in post.backbone.model.named_parameters()}
     prior_mean, prior_cov = post.mean.detach().clone(), post.cov.detach().clone()
@@ -85,7 +76,8 @@ def replay_curve(start, labels, origins, ts, replay, steps: int, every: int, lr:
             blocks = post.design(labels[:n])              # the features changed: every label
             post.condition(blocks, prior_mean, prior_cov)
             since, refined = 0, True
-        f, e = ts_force_rmse(post, ts)
+        m = evaluate(post, ts, post.settings.epsilon)
+        f, e = m["f_rmse"], m["e_rmse"]
         out.append({"n": n, "origin": origin, "f": f, "e": e, "refined": refined})
         log(f"    {n:3d} {origin:8s} TS F {f:.4f} eV/A  E {e:.3f} eV"
             f"{'  (refined)' if refined else ''}  {time.time() - t0:5.1f} s")

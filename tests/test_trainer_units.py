@@ -485,7 +485,8 @@ def test_trainer_keeps_reference_workers_busy_during_a_refinement(tmp_path):
     endpoint = f"ipc://{tmp_path}/learn"
     t = Trainer.__new__(Trainer)
     t.cfg = SimpleNamespace(max_labels=None, selection=SelectionPolicy(max_in_flight=1), max_label_force=25.0,
-                            reference=SimpleNamespace(describe=lambda: "test reference"))
+                            reference=SimpleNamespace(describe=lambda: "test reference"),
+                            backbone_every=10, calls_while_refining=None)
     t.store, t.dedup, t.rate_cap = FrameStore(tmp_path / "frames.db"), Deduplicator(0.0), RateCap(0)
     t.posterior = SimpleNamespace(offset_energy=lambda numbers, energy: energy)
     t.sock = _pull(endpoint)

@@ -103,7 +103,7 @@ class Trainer:
         self._start_cov = getattr(self.posterior, "cov", None)
         self._blocks = None
         self._labels_since_refine = 0
-        self._calls_this_refinement = 0          # reference calls started during this one
+        self._calls_this_refinement = 0          # flagged frames sent during this one
         self._redesign = False
         if self._refines():
             # weights at start anchor every refinement; the readout prior is the posterior
@@ -292,10 +292,8 @@ class Trainer:
         in run 51 were audits while 2399 flagged frames waited)."""
         if not self._refining:
             return None
-        limit = getattr(self.cfg, "calls_while_refining", None)
-        if limit is None:
-            limit = getattr(self.cfg, "backbone_every", None)
-        return None if limit is None else int(limit)
+        limit = self.cfg.calls_while_refining
+        return int(self.cfg.backbone_every if limit is None else limit)
 
     def _trusted_now(self, row, s) -> str | None:
         """A flagged frame from an older model version, asked again with the driver's criterion
