@@ -27,7 +27,14 @@ ones the live run chose (so the selection, the bias and the rate cap are what is
 only the timing of their learning is replaced. Deterministic for given labels (seeded Adam
 mini-batches).
 
+A control (``--control N``) runs the same schedule on N frames the start model was fitted on
+(the first ``--fit-frames`` of the replay file, in a seeded random order) as if they were new
+labels: the same Adam steps with no new information. Where the control reaches the target too,
+the target measures the refinement's extra training, not the labels; the gain of a scheme over
+the control at the same label count is what its labels added.
+
     python benchmarks/bench_label_value.py RUN_DIR [--model M] [--steps 300] [--every 5]
+                                           [--control 20]
 
 RUN_DIR: a bench_onthefly folder (RAREFLY_BENCH_DIR) with an a_paper/ folder and one or more
 biased scheme folders (c_ts/, c_metad2d/, c_metad/), each with its frames.db.
@@ -107,6 +114,12 @@ def main() -> int:
                     "backbone_every; default %(default)s)")
     ap.add_argument("--lr", type=float, default=1e-3, help="refinement learning rate (default %(default)s)")
     ap.add_argument("--epsilon-kcal", type=float, default=4.0)
+    ap.add_argument("--control", type=int, default=0, metavar="N",
+                    help="also replay N of the start model's own fit frames as labels (no new "
+                    "information; default: no control)")
+    ap.add_argument("--fit-frames", type=int, default=140,
+                    help="how many leading frames of --replay the start model was fitted on "
+                    "(its `rarefly fit --max-frames`; default %(default)s)")
     ap.add_argument("--schemes", nargs="+", default=None, choices=SCHEMES,
                     help="default: every scheme folder found in RUN")
     args = ap.parse_args()
@@ -152,6 +165,16 @@ def main() -> int:
         curves[name] = replay_curve(start, labels, origins, ts, replay, args.steps, args.every,
                                     args.lr, log=lambda m: print(m, flush=True))
         print(f"  {name}: replayed in {time.time() - t0:.0f} s", flush=True)
+    if args.control:
+        import numpy as np
+        pick = np.random.default_rng(0).permutation(min(args.fit_frames, len(replay)))[:args.control]
+        print(f"  control: {len(pick)} of the start model's {args.fit_frames} fit frames as labels",
+              flush=True)
+        t0 = time.time()
+        curves["control"] = replay_curve(start, [replay[int(i)] for i in pick],
+                                         ["fit"] * len(pick), ts, replay, args.steps, args.every,
+                                         args.lr, log=lambda m: print(m, flush=True))
+        print(f"  control: replayed in {time.time() - t0:.0f} s", flush=True)
 
     print("\nlearning curve, replayed: TS force RMSE (eV/A) after N labels (* = after a refinement)")
     for name, c in curves.items():
@@ -170,8 +193,22 @@ def main() -> int:
               f"{n if n else '-':>6} {nf if nf else '-':>11} {res[name][4]:7.4f} {c[-1]['f']:7.4f}")
     print(f"\ntotal {time.time() - t_all:.0f} s\n")
     a = res["a_paper"]
+    ctl = curves.get("control")
+    if ctl:
+        n = reached(ctl, target)
+        if n:
+            print(f"CONTROL (no new information) reaches the target after {n} labels: at this "
+                  "target the count measures the refinement's extra training, not the labels")
+        else:
+            print(f"CONTROL (no new information) does not reach the target within {len(ctl)} "
+                  f"labels (best {res['control'][4]:.4f} eV/A)")
+        for name, c in curves.items():
+            if name == "control":
+                continue
+            gains = [f"{p['n']}:{q['f'] - p['f']:+.3f}" for p, q in zip(c, ctl)]
+            print(f"  {name} below the control at equal labels (eV/A): " + " ".join(gains))
     for name in curves:
-        if name == "a_paper":
+        if name in ("a_paper", "control"):
             continue
         c = res[name]
         for unit, nc, na, ca, aa in (("labels", c[0], a[0], c[2], a[2]),
