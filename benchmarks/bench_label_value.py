@@ -213,17 +213,7 @@ def main() -> int:
         c = res[name]
         for unit, nc, na, ca, aa in (("labels", c[0], a[0], c[2], a[2]),
                                      ("flagged labels", c[1], a[1], c[3], a[3])):
-            head = f"TARGET 1 replayed ({name} <= half the {unit} of a_paper to reach {target:.4f} eV/A)"
-            if nc is None:
-                print(f"{head}: not resolved: {name} did not reach it within its {ca} "
-                      f"(best {c[4]:.4f}){'' if na is None else f'; a_paper after {na}'}")
-            elif na is None:
-                verdict = "met" if nc <= 0.5 * aa else "not resolved"
-                print(f"{head}: {verdict}: {name} after {nc}; a_paper not within its {aa} "
-                      f"(best {a[4]:.4f}); ratio < {nc / aa:.2f}")
-            else:
-                print(f"{head}: {'met' if nc <= 0.5 * na else 'missed'}: {nc} vs {na}, "
-                      f"ratio {nc / na:.2f}")
+            print(bo.target1(name, nc, na, ca, aa, target, c[4], a[4], unit=unit, how="replayed"))
     return 0
 
 

@@ -418,7 +418,8 @@ def target1(name: str, nc, na, c_calls: int, a_calls: int, target: float, c_best
         return (f"{head}: {verdict}: {name} reached the target after {nc} {unit}; a_paper did "
                 f"not within its {a_calls} (best {a_best:.4f} eV/A)")
     if na is not None:
-        return (f"{head}: missed: a_paper reached the target after {na} {unit}, {name} not "
+        verdict = "missed" if c_calls >= 0.5 * na else "not resolved"
+        return (f"{head}: {verdict}: a_paper reached the target after {na} {unit}, {name} not "
                 f"within {c_calls} (best {c_best:.4f})")
     return (f"{head}: not resolved: neither reached it (best {name} {c_best:.4f} after "
             f"{c_calls} {unit}, a_paper {a_best:.4f} after {a_calls})")
