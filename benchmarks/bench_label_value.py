@@ -33,6 +33,11 @@ labels: the same Adam steps with no new information. Where the control reaches t
 the target measures the refinement's extra training, not the labels; the gain of a scheme over
 the control at the same label count is what its labels added.
 
+The TS energy RMSE is also split into its spread over the TS frames and the barrier's error
+(the TS frames' mean error minus that of the held-out basin frames, the replay file's frames
+after ``--fit-frames``): for one molecule a shift of all energies changes the RMSE and nothing
+else, while the barrier's error moves populations.
+
     python benchmarks/bench_label_value.py RUN_DIR [--model M] [--steps 300] [--every 5]
                                            [--control 20]
 
@@ -61,9 +66,14 @@ SCHEMES = ("a_paper", "b_periodic", "c_metad2d", "c_metad", "c_ts")
 
 
 def replay_curve(start, labels, origins, ts, replay, steps: int, every: int, lr: float,
-                 log=print) -> list[dict]:
+                 log=print, basin=()) -> list[dict]:
     """The trainer's schedule on ``labels`` (in labelling order) from the model ``start``:
-    one point per label, TS force and energy RMSE after it."""
+    one point per label, TS force and energy RMSE after it. With ``basin`` (held-out basin
+    frames of the same molecule) also the TS energy error split into its spread (std over
+    the TS frames) and its mean relative to the basin's mean error (the barrier's error): a
+    shift of every energy of a fixed composition moves the RMSE but no force and no
+    population."""
+    import numpy as np
     from check_refinement import evaluate
 
     post = copy.deepcopy(start)
@@ -85,8 +95,14 @@ def replay_curve(start, labels, origins, ts, replay, steps: int, every: int, lr:
             since, refined = 0, True
         m = evaluate(post, ts, post.settings.epsilon)
         f, e = m["f_rmse"], m["e_rmse"]
-        out.append({"n": n, "origin": origin, "f": f, "e": e, "refined": refined})
-        log(f"    {n:3d} {origin:8s} TS F {f:.4f} eV/A  E {e:.3f} eV"
+        point = {"n": n, "origin": origin, "f": f, "e": e, "refined": refined}
+        split = ""
+        if basin:
+            point["e_std"] = float(np.sqrt(max(e ** 2 - m["e_mean"] ** 2, 0.0)))
+            point["barrier"] = m["e_mean"] - evaluate(post, basin, post.settings.epsilon)["e_mean"]
+            split = f" (spread {point['e_std']:.3f}, barrier {point['barrier']:+.3f})"
+        out.append(point)
+        log(f"    {n:3d} {origin:8s} TS F {f:.4f} eV/A  E {e:.3f} eV{split}"
             f"{'  (refined)' if refined else ''}  {time.time() - t0:5.1f} s")
     return out
 
@@ -142,6 +158,7 @@ def main() -> int:
     s = bo.start_model_numbers(eps)
     target = s["target"]
     ts, replay = read_frames(bo.TS), read_frames(args.replay)
+    basin = replay[args.fit_frames:]           # held out of the start model's fit
     start = load_posterior(args.model)
     start.settings.epsilon = eps
     print(f"bench_label_value.py {args.run} ({time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC, "
@@ -163,7 +180,7 @@ def main() -> int:
               f"{f', {rejected} refused by max_label_force' if rejected else ''}", flush=True)
         t0 = time.time()
         curves[name] = replay_curve(start, labels, origins, ts, replay, args.steps, args.every,
-                                    args.lr, log=lambda m: print(m, flush=True))
+                                    args.lr, log=lambda m: print(m, flush=True), basin=basin)
         print(f"  {name}: replayed in {time.time() - t0:.0f} s", flush=True)
     if args.control:
         import numpy as np
@@ -173,7 +190,7 @@ def main() -> int:
         t0 = time.time()
         curves["control"] = replay_curve(start, [replay[int(i)] for i in pick],
                                          ["fit"] * len(pick), ts, replay, args.steps, args.every,
-                                         args.lr, log=lambda m: print(m, flush=True))
+                                         args.lr, log=lambda m: print(m, flush=True), basin=basin)
         print(f"  control: replayed in {time.time() - t0:.0f} s", flush=True)
 
     print("\nlearning curve, replayed: TS force RMSE (eV/A) after N labels (* = after a refinement)")
@@ -183,6 +200,12 @@ def main() -> int:
     print("learning curve, replayed: TS energy RMSE (eV) after N labels")
     for name, c in curves.items():
         print(f"  {name:11s} " + " ".join(f"{p['n']}:{p['e']:.3f}" for p in c))
+    if basin:
+        print(f"  split: spread (std over the TS frames) / barrier (TS mean error minus the mean "
+              f"error on {len(basin)} held-out basin frames), eV")
+        for name, c in curves.items():
+            print(f"  {name:11s} " + " ".join(f"{p['n']}:{p['e_std']:.3f}/{p['barrier']:+.3f}"
+                                              for p in c))
     print(f"\n{'scheme':11s} {'labels':>6s} {'audit':>5s} {'N@tgt':>6s} {'flagged@tgt':>11s} "
           f"{'F best':>7s} {'F last':>7s}")
     res = {}
