@@ -141,6 +141,8 @@ def main() -> int:
         post.refine_backbone(labels, kw["steps"], lr=kw["lr"], anchor=anchor, replay=replay,
                              lr_schedule=kw["lr_schedule"], train_readout=kw["train_readout"])
         post.fit_noise = fit_noise
+        if getattr(post, "density", None) is not None:   # the trainer's _rebuild_density
+            post.fit_density(list(replay) + list(labels))
         refined_readout = post.mean.detach().clone()
         row(f"refined {text} ({time.time() - t1:.0f} s)", post)
         blocks = post.design(labels)
