@@ -57,6 +57,8 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
+import numpy as np  # noqa: E402  (after the thread setting)
+
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -73,7 +75,6 @@ def replay_curve(start, labels, origins, ts, replay, steps: int, every: int, lr:
     the TS frames) and its mean relative to the basin's mean error (the barrier's error): a
     shift of every energy of a fixed composition moves the RMSE but no force and no
     population."""
-    import numpy as np
     from check_refinement import evaluate
 
     post = copy.deepcopy(start)
@@ -183,7 +184,6 @@ def main() -> int:
                                     args.lr, log=lambda m: print(m, flush=True), basin=basin)
         print(f"  {name}: replayed in {time.time() - t0:.0f} s", flush=True)
     if args.control:
-        import numpy as np
         pick = np.random.default_rng(0).permutation(min(args.fit_frames, len(replay)))[:args.control]
         print(f"  control: {len(pick)} of the start model's {args.fit_frames} fit frames as labels",
               flush=True)
