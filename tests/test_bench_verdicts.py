@@ -52,3 +52,83 @@ def test_reached_counts_flagged_labels_only_when_asked():
     assert bench_label_value.reached(curve, 0.17) == 4
     assert bench_label_value.reached(curve, 0.17, flagged_only=True) == 2
     assert bench_label_value.reached(curve, 0.15) is None
+
+
+# --------------------------------------------------------------- pool_label_value.py
+with warnings.catch_warnings():
+    import pool_label_value
+os.environ.clear()
+os.environ.update(_environ)
+
+
+def _section(folder: str, curves: dict[str, list[tuple[str, float]]], target: float) -> str:
+    """A bench_label_value.out section in the script's own format (the lines the pool reads)."""
+    lines = [f"===== python benchmarks/bench_label_value.py {folder} --control 20",
+             f"TS frames: 15; start 0.1865 eV/A, lastlayer floor 0.1523; TARGET {target:.4f} eV/A"]
+    for name, c in curves.items():
+        lines.append(f"  {name}: {len(c)} " + ("of the start model's fit frames as labels"
+                                              if name == "control" else "labels (0 audit)"))
+        lines += [f"    {n:3d} {o:8s} TS F {f:.4f} eV/A  E 0.131 eV" for n, (o, f) in enumerate(c, 1)]
+        lines.append(f"  {name}: replayed in 100 s")
+    lines.append("scheme      labels audit  N@tgt flagged@tgt  F best  F last")
+    for name, c in curves.items():
+        n = pool_label_value.first_at([f for _, f in c], target)
+        nf = None if n is None else sum(o != "audit" for o, _ in c[:n])
+        audit = sum(o == "audit" for o, _ in c)
+        lines.append(f"{name:11s} {len(c):6d} {audit:5d} {n or '-':>6} {nf or '-':>11} "
+                     f"{min(f for _, f in c):7.4f} {c[-1][1]:7.4f}")
+    return "\n".join(lines) + "\n"
+
+
+def test_pool_label_value_mean_curves_and_verdicts(tmp_path, capsys):
+    fl = "flagged"
+    run1 = {"a_paper": [("audit", 0.186), (fl, 0.18), (fl, 0.175), (fl, 0.168)],
+            "c_ts": [(fl, 0.17), (fl, 0.165)]}
+    run2 = {"a_paper": [(fl, 0.186), ("audit", 0.185), ("audit", 0.18), (fl, 0.178), (fl, 0.172)],
+            "c_ts": [(fl, 0.185), (fl, 0.172), (fl, 0.17)]}
+    out = tmp_path / "bench_label_value.out"
+    out.write_text(_section("/tmp/r1", run1, 0.1694) + _section("/tmp/r2", run2, 0.1694))
+    assert pool_label_value.main(["/tmp/r1", "/tmp/r2/", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    # per run: r1 c_ts 2 vs a_paper 4 -> met; r2 c_ts not within 3, a_paper not within 5
+    assert "/tmp/r1: a_paper 4, c_ts 2" in text
+    assert "met: 2 vs 4 labels   [labels]" in text
+    assert "missed: 2 vs 3 flagged labels   [flagged labels]" in text
+    assert "target 1 per run, labels: met 1, not resolved 1" in text
+    # means: a_paper over 4 labels, c_ts over 2; paired difference at N=2 (0.18+0.185)/2 -
+    # (0.165+0.172)/2 = +0.0140, positive in both runs
+    assert "   2     0.1825     0.1685   +0.0140" in text
+    assert "2/2" in text
+    # c_ts's mean (0.1685) reaches 0.1694 after 2, a_paper's (best (0.168 + 0.178) / 2) not within 4
+    assert text.rstrip().endswith("met: c_ts reached the target after 2 labels; a_paper did not "
+                                  "within its 4 (best 0.1730 eV/A)")
+
+
+def test_pool_label_value_refuses_what_it_cannot_pool(tmp_path):
+    out = tmp_path / "bench_label_value.out"
+    run = {"a_paper": [("flagged", 0.18)], "c_ts": [("flagged", 0.17)]}
+    out.write_text(_section("/tmp/r1", run, 0.1694) + _section("/tmp/r2", run, 0.1600))
+    with pytest.raises(SystemExit, match="no replay of /tmp/r3"):
+        pool_label_value.main(["/tmp/r3", "--out", str(out)])
+    with pytest.raises(SystemExit, match="target 0.16 eV/A, the others 0.1694: not pooled"):
+        pool_label_value.main(["/tmp/r1", "/tmp/r2", "--out", str(out)])
+    out.write_text(_section("/tmp/r1", run, 0.1694).replace("c_ts: 1 labels", "c_ts: 2 labels"))
+    with pytest.raises(SystemExit, match=r"labels missing: c_ts \(1 of 2\)"):
+        pool_label_value.main(["/tmp/r1", "--out", str(out)])
+
+
+def test_pool_label_value_reads_the_committed_replays():
+    """Every committed replay parses, and its rounded per-label figures give the counts its own
+    full-precision table gives (or lie within rounding of the target)."""
+    text = pool_label_value.HERE.joinpath("bench_label_value.out").read_text()
+    secs = pool_label_value.sections(text)
+    assert len(secs) >= 5
+    for folder, body in secs.items():
+        curves, tab = pool_label_value.curves(body), pool_label_value.table(body)
+        target = float(pool_label_value.TARGET_RE.search(body).group(1))
+        assert "a_paper" in curves and tab, folder
+        for name, c in curves.items():
+            n = pool_label_value.first_at([f for _, f in c], target)
+            if name in tab and tab[name][0] != n:
+                k = (tab[name][0] or len(c) + 1) - 1 if n is None else n - 1
+                assert abs(c[min(k, len(c) - 1)][1] - target) <= 1e-4, (folder, name)

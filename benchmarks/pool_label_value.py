@@ -1,0 +1,200 @@
+"""Pool bench_label_value.py's replayed learning curves over seeds: issue 4 section 5, target 1.
+
+One replay decides target 1 on one label set, and across seeds the verdict flips (as counted:
+met on some, missed on others). This script reads the committed replays in
+``bench_label_value.out`` (one ``=====`` section per run folder), takes each section's TS force
+RMSE curve after N labels for the paper scheme (``a_paper``), the biased scheme (``c_ts`` by
+default) and the control, and prints for every label count N that all selected runs reach:
+
+  mean TS force RMSE of each scheme over the runs;
+  the paired difference a_paper - c_ts (positive: c_ts's labels are worth more), its mean,
+  its standard error over runs and in how many runs it is positive;
+
+then the label count at which each scheme's *mean* curve first reaches the target, with
+bench_onthefly's verdict rule (target 1 asks for c_ts <= half of a_paper). Each scheme's mean
+runs over the label counts it reaches in every selected run, the paired difference over those
+both reach; a mean curve that does not reach the target within them is "not within N". Per run
+it also prints both verdicts (as counted and without the audit labels); the counts come from
+each replay's own summary table, decided at full precision (the per-label figures and the
+target are printed rounded to 0.0001 eV/A, and the script says where a mean lies that close).
+Pool one run per seed made with the same command.
+
+    python benchmarks/pool_label_value.py /tmp/b52 /tmp/b53 /tmp/b54 /tmp/b56 /tmp/b57
+    python benchmarks/pool_label_value.py --out benchmarks/bench_label_value.out --biased c_ts RUN ...
+
+RUN: a run folder as named on a section's ``=====`` line (the latest section of that folder
+is used). Nothing is recomputed: the figures are those committed in the .out file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import bench_onthefly as bo  # noqa: E402  (target 1's verdict, the same rule as the live runs)
+
+SCHEME_RE = re.compile(r"^  (\w+): (\d+) (?:labels|of the)")
+LABEL_RE = re.compile(r"^\s+(\d+) (\w+)\s+TS F ([0-9.]+) eV/A")
+TARGET_RE = re.compile(r"TARGET ([0-9.]+) eV/A")
+TABLE_RE = re.compile(r"^(\w+)\s+(\d+)\s+(\d+)\s+(\d+|-)\s+(\d+|-)\s+[0-9.]+\s+[0-9.]+\s*$")
+
+
+def sections(text: str) -> dict[str, str]:
+    """Run folder -> the text of its latest ``=====`` section (later sections win)."""
+    out: dict[str, str] = {}
+    parts = re.split(r"^(=====.*)$", text, flags=re.M)
+    for head, body in zip(parts[1::2], parts[2::2]):
+        m = re.search(r"bench_label_value\.py\s+(\S+)", head)
+        if m:
+            out[m.group(1).rstrip("/")] = body
+    return out
+
+
+def curves(body: str) -> dict[str, list[tuple[str, float]]]:
+    """Scheme -> [(origin, TS force RMSE)] after 1, 2, ... labels, from one section's per-label
+    lines (four decimals; the summary curves further down have three)."""
+    out: dict[str, list[tuple[str, float]]] = {}
+    announced: dict[str, int] = {}
+    name = None
+    for ln in body.splitlines():
+        m = SCHEME_RE.match(ln)
+        if m:
+            name = m.group(1)
+            out[name], announced[name] = [], int(m.group(2))
+            continue
+        m = LABEL_RE.match(ln)
+        if m and name is not None:
+            if int(m.group(1)) != len(out[name]) + 1:
+                raise SystemExit(f"label {m.group(1)} of {name} out of order: {ln.strip()}")
+            out[name].append((m.group(2), float(m.group(3))))
+    short = [f"{k} ({len(v)} of {announced[k]})" for k, v in out.items() if len(v) != announced[k]]
+    if short:
+        raise SystemExit(f"unfinished replay, labels missing: {', '.join(short)}")
+    return out
+
+
+def table(body: str) -> dict[str, tuple]:
+    """Scheme -> (N@tgt, flagged@tgt) from a section's summary table, decided by the replay at
+    full precision (None: not reached)."""
+    out = {}
+    for ln in body.splitlines():
+        m = TABLE_RE.match(ln)
+        if m:
+            out[m.group(1)] = tuple(None if x == "-" else int(x) for x in m.group(4, 5))
+    return out
+
+
+def first_at(curve, target: float):
+    return next((n for n, f in enumerate(curve, 1) if f <= target), None)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="\n".join(__doc__.splitlines()[2:]))
+    ap.add_argument("runs", nargs="+", help="run folders, as named on the .out file's ===== lines")
+    ap.add_argument("--out", type=Path, default=HERE / "bench_label_value.out",
+                    help="the replays (default: %(default)s)")
+    ap.add_argument("--biased", default="c_ts", help="the biased scheme (default: %(default)s)")
+    ap.add_argument("--baseline", default="a_paper", help="the paper's scheme (default: %(default)s)")
+    args = ap.parse_args(argv)
+
+    if not args.out.exists():
+        sys.exit(f"{args.out}: no such file; run bench_label_value.py first or name the file with --out.")
+    text = args.out.read_text()
+    secs = sections(text)
+    runs, target, tables = [], None, {}
+    for r in args.runs:
+        key = r.rstrip("/")
+        if key not in secs:
+            sys.exit(f"{args.out.name} has no replay of {key}; its runs are: {', '.join(secs)}.")
+        body = secs[key]
+        c = curves(body)
+        missing = [s for s in (args.baseline, args.biased) if s not in c]
+        if missing:
+            sys.exit(f"the replay of {key} has no curve for {', '.join(missing)}; it has {', '.join(c)}.")
+        m = TARGET_RE.search(body)
+        if not m:
+            sys.exit(f"the replay of {key} states no target (a 'TARGET ... eV/A' line).")
+        t = float(m.group(1))
+        if target is not None and abs(t - target) > 1e-4:
+            sys.exit(f"the replay of {key} has target {t} eV/A, the others {target}: not pooled.")
+        target = t
+        runs.append((key, c))
+        tables[key] = table(body)
+
+    a, b = args.baseline, args.biased
+    n_max = min(min(len(c[a]), len(c[b])) for _, c in runs)
+    ctrl = [c["control"] for _, c in runs if "control" in c]
+    n_ctrl = min((len(x) for x in ctrl), default=0) if len(ctrl) == len(runs) else 0
+    print(f"pool_label_value: {len(runs)} replays from {args.out.name}; target {target:.4f} eV/A; "
+          f"{a} vs {b}; label counts 1..{n_max} (reached by both schemes in every run)")
+    print("\nper run: labels to reach the target (replayed), as counted and flagged labels only")
+    tally: dict[str, dict[str, int]] = {"labels": {}, "flagged labels": {}}
+    for key, c in runs:
+        fa, fb = [f for _, f in c[a]], [f for _, f in c[b]]
+        na, nb = first_at(fa, target), first_at(fb, target)
+        tab = tables[key]
+        for k, n in ((a, na), (b, nb)):     # the printed values and target are rounded
+            if k in tab and tab[k][0] != n:
+                print(f"  {key}: {k} at the target after {tab[k][0]} labels by the replay's own "
+                      f"table, {n} from its rounded figures: the table's count is used")
+        na, nb = tab.get(a, (na,))[0], tab.get(b, (nb,))[0]
+        print(f"  {key}: {a} " + (f"{na}" if na else f"not within {len(fa)} (best {min(fa):.4f})")
+              + f", {b} " + (f"{nb}" if nb else f"not within {len(fb)} (best {min(fb):.4f})"))
+        for unit, only in (("labels", False), ("flagged labels", True)):
+            counts = []
+            for c_s, n in ((c[b], nb), (c[a], na)):
+                kept = [o for o, _ in c_s if not only or o != "audit"]
+                counts.append((len(kept), None if n is None else
+                               sum(1 for o, _ in c_s[:n] if not only or o != "audit")))
+            (cb, nb_u), (ca, na_u) = counts
+            v = bo.target1(b, nb_u, na_u, cb, ca, target, min(fb), min(fa), unit=unit, how="replayed")
+            print(f"    {v.split('): ', 1)[1]}   [{unit}]")
+            word = v.split("): ", 1)[1].split(":")[0]
+            tally[unit][word] = tally[unit].get(word, 0) + 1
+    for unit, t in tally.items():
+        print(f"  target 1 per run, {unit}: " + ", ".join(f"{k} {v}" for k, v in sorted(t.items())))
+
+    # each scheme's mean curve over the label counts it reaches in every run; the paired
+    # difference over the counts both reach
+    n_of = {k: min(len(c[k]) for _, c in runs) for k in (a, b)}
+    if n_ctrl:
+        n_of["control"] = n_ctrl
+    rows = max(n_of.values())
+    mean = {k: [sum(c[k][n][1] for _, c in runs) / len(runs) for n in range(n_of[k])] for k in n_of}
+    print(f"\nmean TS force RMSE (eV/A) after N labels over the {len(runs)} runs (blank: a run has fewer "
+          f"labels); {a} - {b}: paired difference, its standard error, runs where it is > 0")
+    print("   N  " + "  ".join(f"{k:>9s}" for k in n_of) + f"   {a}-{b}   s.e.  runs > 0")
+    for n in range(rows):
+        cells = "  ".join(f"{mean[k][n]:9.4f}" if n < n_of[k] else " " * 9 for k in n_of)
+        line = f"  {n + 1:2d}  {cells}"
+        if n < n_max:
+            d = [c[a][n][1] - c[b][n][1] for _, c in runs]
+            md = sum(d) / len(d)
+            se = (math.sqrt(sum((x - md) ** 2 for x in d) / (len(d) - 1) / len(d))
+                  if len(d) > 1 else float("nan"))
+            line += f"   {md:+7.4f}  {se:6.4f}  {sum(x > 0 for x in d)}/{len(d)}"
+        print(line)
+
+    na, nb = first_at(mean[a], target), first_at(mean[b], target)
+    ta = f"after {na} labels" if na else f"not within {n_of[a]} (best {min(mean[a]):.4f})"
+    tb = f"after {nb} labels" if nb else f"not within {n_of[b]} (best {min(mean[b]):.4f})"
+    print(f"\nmean curves at the target {target:.4f} eV/A: {a} {ta}; {b} {tb}")
+    near = [f"{k} after {n + 1}" for k in (a, b) for n, f in enumerate(mean[k])
+            if abs(f - target) < 5e-5]
+    if near:
+        print(f"  (within the rounding of the printed figures, 0.00005 eV/A, of the target: "
+              f"{', '.join(near)})")
+    print(bo.target1(b, nb, na, n_of[b], n_of[a], target, min(mean[b]), min(mean[a]),
+                     unit="labels", how=f"mean curves of {len(runs)} replays"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
