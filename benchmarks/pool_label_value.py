@@ -93,6 +93,56 @@ def first_at(curve, target: float):
     return next((n for n, f in enumerate(curve, 1) if f <= target), None)
 
 
+def by_flagged(curve) -> list[float]:
+    """TS force RMSE against the count of flagged labels: entry k-1 is the value after the k-th
+    flagged label and the audit labels that followed it (the model in use when the next flagged
+    call is made); audit labels before the first flagged one are left out."""
+    out: list[float] = []
+    seen = 0
+    for origin, f in curve:
+        if origin != "audit":
+            seen += 1
+            out.append(f)
+        elif seen:
+            out[-1] = f
+    return out
+
+
+def pooled(runs, a: str, b: str, target: float, unit: str, vals: dict[str, list[list[float]]]) -> None:
+    """Mean curves over the runs (each scheme over the counts it reaches in every run), the
+    paired difference a - b over the counts both reach, and target 1 on the mean curves."""
+    n_of = {k: min(len(v) for v in vs) for k, vs in vals.items()}
+    n_pair = min(n_of[a], n_of[b])
+    mean = {k: [sum(v[n] for v in vs) / len(vs) for n in range(n_of[k])] for k, vs in vals.items()}
+    print(f"\nmean TS force RMSE (eV/A) after N {unit} over the {len(runs)} runs (blank: a run has "
+          f"fewer); {a} - {b}: paired difference, its standard error, runs where it is > 0")
+    print("   N  " + "  ".join(f"{k:>9s}" for k in n_of) + f"   {a}-{b}   s.e.  runs > 0")
+    for n in range(max(n_of.values())):
+        cells = "  ".join(f"{mean[k][n]:9.4f}" if n < n_of[k] else " " * 9 for k in n_of)
+        line = f"  {n + 1:2d}  {cells}"
+        if n < n_pair:
+            d = [x[n] - y[n] for x, y in zip(vals[a], vals[b])]
+            md = sum(d) / len(d)
+            se = (math.sqrt(sum((x - md) ** 2 for x in d) / (len(d) - 1) / len(d))
+                  if len(d) > 1 else float("nan"))
+            line += f"   {md:+7.4f}  {se:6.4f}  {sum(x > 0 for x in d)}/{len(d)}"
+        print(line.rstrip())
+    if not (n_of[a] and n_of[b]):
+        print(f"TARGET 1 on the mean curves ({unit}): not resolved (a scheme has none in some run)")
+        return
+    na, nb = first_at(mean[a], target), first_at(mean[b], target)
+    ta = f"after {na}" if na else f"not within {n_of[a]} (best {min(mean[a]):.4f})"
+    tb = f"after {nb}" if nb else f"not within {n_of[b]} (best {min(mean[b]):.4f})"
+    print(f"mean curves at the target {target:.4f} eV/A ({unit}): {a} {ta}; {b} {tb}")
+    near = [f"{k} after {n + 1}" for k in (a, b) for n, f in enumerate(mean[k])
+            if abs(f - target) < 5e-5]
+    if near:
+        print(f"  (within the rounding of the printed figures, 0.00005 eV/A, of the target: "
+              f"{', '.join(near)})")
+    print(bo.target1(b, nb, na, n_of[b], n_of[a], target, min(mean[b]), min(mean[a]),
+                     unit=unit, how=f"mean curves of {len(runs)} replays"))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -108,6 +158,8 @@ def main(argv=None) -> int:
         sys.exit(f"{args.out}: no such file; run bench_label_value.py first or name the file with --out.")
     text = args.out.read_text()
     secs = sections(text)
+    if not secs:
+        sys.exit(f"{args.out} holds no bench_label_value.py replay (no '===== ... bench_label_value.py RUN' line).")
     runs, target, tables = [], None, {}
     for r in args.runs:
         key = r.rstrip("/")
@@ -129,11 +181,8 @@ def main(argv=None) -> int:
         tables[key] = table(body)
 
     a, b = args.baseline, args.biased
-    n_max = min(min(len(c[a]), len(c[b])) for _, c in runs)
-    ctrl = [c["control"] for _, c in runs if "control" in c]
-    n_ctrl = min((len(x) for x in ctrl), default=0) if len(ctrl) == len(runs) else 0
     print(f"pool_label_value: {len(runs)} replays from {args.out.name}; target {target:.4f} eV/A; "
-          f"{a} vs {b}; label counts 1..{n_max} (reached by both schemes in every run)")
+          f"{a} against {b}")
     print("\nper run: labels to reach the target (replayed), as counted and flagged labels only")
     tally: dict[str, dict[str, int]] = {"labels": {}, "flagged labels": {}}
     for key, c in runs:
@@ -161,38 +210,11 @@ def main(argv=None) -> int:
     for unit, t in tally.items():
         print(f"  target 1 per run, {unit}: " + ", ".join(f"{k} {v}" for k, v in sorted(t.items())))
 
-    # each scheme's mean curve over the label counts it reaches in every run; the paired
-    # difference over the counts both reach
-    n_of = {k: min(len(c[k]) for _, c in runs) for k in (a, b)}
-    if n_ctrl:
-        n_of["control"] = n_ctrl
-    rows = max(n_of.values())
-    mean = {k: [sum(c[k][n][1] for _, c in runs) / len(runs) for n in range(n_of[k])] for k in n_of}
-    print(f"\nmean TS force RMSE (eV/A) after N labels over the {len(runs)} runs (blank: a run has fewer "
-          f"labels); {a} - {b}: paired difference, its standard error, runs where it is > 0")
-    print("   N  " + "  ".join(f"{k:>9s}" for k in n_of) + f"   {a}-{b}   s.e.  runs > 0")
-    for n in range(rows):
-        cells = "  ".join(f"{mean[k][n]:9.4f}" if n < n_of[k] else " " * 9 for k in n_of)
-        line = f"  {n + 1:2d}  {cells}"
-        if n < n_max:
-            d = [c[a][n][1] - c[b][n][1] for _, c in runs]
-            md = sum(d) / len(d)
-            se = (math.sqrt(sum((x - md) ** 2 for x in d) / (len(d) - 1) / len(d))
-                  if len(d) > 1 else float("nan"))
-            line += f"   {md:+7.4f}  {se:6.4f}  {sum(x > 0 for x in d)}/{len(d)}"
-        print(line)
-
-    na, nb = first_at(mean[a], target), first_at(mean[b], target)
-    ta = f"after {na} labels" if na else f"not within {n_of[a]} (best {min(mean[a]):.4f})"
-    tb = f"after {nb} labels" if nb else f"not within {n_of[b]} (best {min(mean[b]):.4f})"
-    print(f"\nmean curves at the target {target:.4f} eV/A: {a} {ta}; {b} {tb}")
-    near = [f"{k} after {n + 1}" for k in (a, b) for n, f in enumerate(mean[k])
-            if abs(f - target) < 5e-5]
-    if near:
-        print(f"  (within the rounding of the printed figures, 0.00005 eV/A, of the target: "
-              f"{', '.join(near)})")
-    print(bo.target1(b, nb, na, n_of[b], n_of[a], target, min(mean[b]), min(mean[a]),
-                     unit="labels", how=f"mean curves of {len(runs)} replays"))
+    pooled(runs, a, b, target, "labels",
+           {k: [[f for _, f in c[k]] for _, c in runs] for k in (a, b, "control")
+            if all(k in c for _, c in runs)})
+    pooled(runs, a, b, target, "flagged labels",
+           {k: [by_flagged(c[k]) for _, c in runs] for k in (a, b)})
     return 0
 
 

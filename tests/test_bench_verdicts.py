@@ -100,8 +100,20 @@ def test_pool_label_value_mean_curves_and_verdicts(tmp_path, capsys):
     assert "   2     0.1825     0.1685   +0.0140" in text
     assert "2/2" in text
     # c_ts's mean (0.1685) reaches 0.1694 after 2, a_paper's (best (0.168 + 0.178) / 2) not within 4
-    assert text.rstrip().endswith("met: c_ts reached the target after 2 labels; a_paper did not "
-                                  "within its 4 (best 0.1730 eV/A)")
+    assert ("TARGET 1 (c_ts <= half the labels of a_paper to reach 0.1694 eV/A, mean curves of 2 "
+            "replays): met: c_ts reached the target after 2 labels; a_paper did not within its 4 "
+            "(best 0.1730 eV/A)") in text
+    # by flagged labels (an audit counts with the flagged label before it): a_paper
+    # [0.18, 0.175, 0.168] and [0.18, 0.178, 0.172] -> mean best 0.170 within 3; c_ts after 2:
+    # 2 > 3 / 2, so a_paper might still reach it at 4
+    assert text.rstrip().endswith("not resolved: c_ts reached the target after 2 flagged labels; "
+                                  "a_paper did not within its 3 (best 0.1700 eV/A)")
+
+
+def test_pool_label_value_by_flagged():
+    curve = [("audit", 0.19), ("flagged", 0.18), ("audit", 0.17), ("audit", 0.175), ("flagged", 0.16)]
+    assert pool_label_value.by_flagged(curve) == [0.175, 0.16]
+    assert pool_label_value.by_flagged([("audit", 0.19)]) == []
 
 
 def test_pool_label_value_refuses_what_it_cannot_pool(tmp_path):
