@@ -93,6 +93,23 @@ def first_at(curve, target: float):
     return next((n for n, f in enumerate(curve, 1) if f <= target), None)
 
 
+def km_median(counts) -> tuple[float, int | None]:
+    """Kaplan-Meier median of the labels to the target: ``counts`` is [(n, reached)] per run,
+    a run that did not reach it censored at its label count. Returns (the estimate of the
+    fraction of runs not yet at the target after the last count, median or None when that
+    fraction stays above one half)."""
+    surv, median = 1.0, None
+    at_risk = len(counts)
+    for t in sorted({n for n, _ in counts}):
+        events = sum(1 for n, r in counts if n == t and r)
+        if at_risk and events:
+            surv *= 1.0 - events / at_risk
+            if median is None and surv <= 0.5:
+                median = t
+        at_risk -= sum(1 for n, _ in counts if n == t)
+    return surv, median
+
+
 def by_flagged(curve) -> list[float]:
     """TS force RMSE against the count of flagged labels: entry k-1 is the value after the k-th
     flagged label and the audit labels that followed it (the model in use when the next flagged
@@ -209,6 +226,38 @@ def main(argv=None) -> int:
             tally[unit][word] = tally[unit].get(word, 0) + 1
     for unit, t in tally.items():
         print(f"  target 1 per run, {unit}: " + ", ".join(f"{k} {v}" for k, v in sorted(t.items())))
+
+    # runs end at different label counts: the median count to the target with the runs that
+    # did not reach it censored where they ended (Kaplan-Meier)
+    print("\nmedian labels to the target over the runs (Kaplan-Meier; a run that did not reach it "
+          "counts as censored at its last label)")
+    for unit in ("labels", "flagged labels"):
+        med = {}
+        for k in (a, b):
+            counts = []
+            for key, c in runs:
+                n, nf = tables[key].get(k, (None, None))
+                if unit == "labels":
+                    counts.append((n, True) if n else (len(c[k]), False))
+                else:
+                    counts.append((nf, True) if nf else
+                                  (sum(o != "audit" for o, _ in c[k]), False))
+            surv, m = km_median(counts)
+            med[k] = (m, max(n for n, _ in counts))
+            reached = sorted(n for n, r in counts if r)
+            print(f"  {unit:15s} {k:8s} reached after {reached or 'none'}, not within "
+                  f"{sorted(n for n, r in counts if not r) or 'none'}: median "
+                  + (f"{m}" if m else f"beyond the data (still {surv:.2f} of runs above the "
+                     f"target after {med[k][1]})"))
+        (mb, _), (ma, la) = med[b], med[a]
+        if mb and ma:
+            verdict = f"{'met' if mb <= 0.5 * ma else 'missed'}: {mb} vs {ma}"
+        elif mb:
+            verdict = (f"{'met' if mb <= 0.5 * la else 'not resolved'}: {mb}, {a}'s median beyond "
+                       f"{la}")
+        else:
+            verdict = f"not resolved: {b}'s median beyond the data"
+        print(f"  TARGET 1 on the median counts ({unit}): {verdict}")
 
     pooled(runs, a, b, target, "labels",
            {k: [[f for _, f in c[k]] for _, c in runs] for k in (a, b, "control")

@@ -144,3 +144,15 @@ def test_pool_label_value_reads_the_committed_replays():
             if name in tab and tab[name][0] != n:
                 k = (tab[name][0] or len(c) + 1) - 1 if n is None else n - 1
                 assert abs(c[min(k, len(c) - 1)][1] - target) <= 1e-4, (folder, name)
+
+
+def test_km_median_censors_the_runs_that_ended_first():
+    # 7 runs: reached after 5, 15, 15, 22; ended without it after 10, 18, 19.
+    # S: 6/7 after 5; 6/7 * 3/5 = 0.51 after 15 (10 censored before); 0 after 22 (1 at risk)
+    counts = [(5, True), (10, False), (15, True), (15, True), (18, False), (19, False), (22, True)]
+    surv, median = pool_label_value.km_median(counts)
+    assert median == 22 and surv == 0.0
+    surv, median = pool_label_value.km_median([(5, True), (5, True), (9, False)])
+    assert median == 5 and abs(surv - 1 / 3) < 1e-12     # 2 of 3 at risk reached it at 5
+    surv, median = pool_label_value.km_median([(8, False), (9, False), (4, True)])
+    assert median is None and abs(surv - 2 / 3) < 1e-12
