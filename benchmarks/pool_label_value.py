@@ -4,7 +4,14 @@ One replay decides target 1 on one label set, and across seeds the verdict flips
 met on some, missed on others). This script reads the committed replays in
 ``bench_label_value.out`` (one ``=====`` section per run folder), takes each section's TS force
 RMSE curve after N labels for the paper scheme (``a_paper``), the biased scheme (``c_ts`` by
-default) and the control, and prints for every label count N that all selected runs reach:
+default) and the control, and prints:
+
+  per run, target 1's verdict (as counted and counting flagged labels only);
+  the median label count to the target (Kaplan-Meier: a run that ended before reaching it is
+  censored at its last label, so short runs neither count as reaching it nor drop out) and
+  target 1 on the two medians;
+
+and, for every label count N that all selected runs reach:
 
   mean TS force RMSE of each scheme over the runs;
   the paired difference a_paper - c_ts (positive: c_ts's labels are worth more), its mean,
@@ -13,11 +20,12 @@ default) and the control, and prints for every label count N that all selected r
 then the label count at which each scheme's *mean* curve first reaches the target, with
 bench_onthefly's verdict rule (target 1 asks for c_ts <= half of a_paper). Each scheme's mean
 runs over the label counts it reaches in every selected run, the paired difference over those
-both reach; a mean curve that does not reach the target within them is "not within N". Per run
-it also prints both verdicts (as counted and without the audit labels); the counts come from
-each replay's own summary table, decided at full precision (the per-label figures and the
-target are printed rounded to 0.0001 eV/A, and the script says where a mean lies that close).
-Pool one run per seed made with the same command.
+both reach; a mean curve that does not reach the target within them is "not within N". The
+same mean curves follow by count of flagged labels (an audit label counts with the flagged
+label before it). The per-run counts come from each replay's own summary table, decided at
+full precision (the per-label figures and the target are printed rounded to 0.0001 eV/A, and
+the script says where a mean lies that close). Pool one run per seed made with the same
+command.
 
     python benchmarks/pool_label_value.py /tmp/b52 /tmp/b53 /tmp/b54 /tmp/b56 /tmp/b57
     python benchmarks/pool_label_value.py --out benchmarks/bench_label_value.out --biased c_ts RUN ...
