@@ -156,3 +156,69 @@ def test_km_median_censors_the_runs_that_ended_first():
     assert median == 5 and abs(surv - 1 / 3) < 1e-12     # 2 of 3 at risk reached it at 5
     surv, median = pool_label_value.km_median([(8, False), (9, False), (4, True)])
     assert median is None and abs(surv - 2 / 3) < 1e-12
+
+
+# --------------------------------------------------------------- pool_onthefly.py
+with warnings.catch_warnings():
+    import pool_onthefly
+os.environ.clear()
+os.environ.update(_environ)
+
+
+def _live_section(folder: str, seed: int, rows: dict[str, tuple], target: float = 0.1694) -> str:
+    """A bench_onthefly.out section: rows are scheme -> (steps, calls, flagged, audit, N@tgt, best)."""
+    lines = [f"===== RAREFLY_BENCH_DIR={folder} python benchmarks/bench_onthefly.py --seed {seed}",
+             f"model: m.rfly; reference GFN2-xTB (tblite); i-PI NVT (SVR) at 300 K, dt 1 fs, seed {seed}",
+             f"TARGET force RMSE on the TS frames: {target:.4f} eV/A (half-way)",
+             "scheme      steps  wall calls flag/aud N@tgt F start  F best F final    cov aud"]
+    for name, (steps, calls, fl, au, n, best) in rows.items():
+        lines.append(f"{name:11s} {steps:5d} {200:5d} {calls:5d} {f'{fl}/{au}':>6s} {n or '-':>8} "
+                     f" 0.1865  {best:.4f}  {best:.4f}  0.89 n=9")
+    return "\n".join(lines) + "\n"
+
+
+def test_pool_onthefly_pairs_seeds_and_censors(tmp_path, capsys):
+    out = tmp_path / "bench_onthefly.out"
+    out.write_text(
+        _live_section("/tmp/s1", 1, {"a_paper": (2000, 10, 5, 5, None, 0.18),
+                                     "c_ts": (2000, 6, 5, 1, 6, 0.15)})
+        + _live_section("/tmp/s1long", 1, {"a_paper": (6000, 30, 20, 10, None, 0.175)})
+        + _live_section("/tmp/s2", 2, {"a_paper": (2000, 12, 9, 3, 12, 0.16),
+                                       "c_ts": (2000, 8, 8, 0, 8, 0.15)}))
+    assert pool_onthefly.main(["--baseline-runs", "/tmp/s1long", "/tmp/s2", "--biased-runs",
+                               "/tmp/s1", "/tmp/s2", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    # seed 1: c_ts 6, a_paper not within 30 (its 6000-step run) -> met; seed 2: 8 vs 12 -> missed
+    assert "met: c_ts reached the target after 6 calls; a_paper did not within its 30" in text
+    assert "missed: 8 vs 12 calls" in text
+    assert "target 1 per seed: met 1, missed 1" in text
+    # a_paper: reached after 12, censored at 30 -> S = 1/2 after 12: median 12; c_ts: 6, 8 -> 6
+    assert "TARGET 1 on the median calls (live): met: 6 vs 12" in text
+    with pytest.raises(SystemExit, match="two a_paper runs of seed 1"):
+        pool_onthefly.main(["--baseline-runs", "/tmp/s1", "/tmp/s1long", "--biased-runs", "/tmp/s1",
+                            "--out", str(out)])
+    with pytest.raises(SystemExit, match="has no c_ts row"):
+        pool_onthefly.main(["--baseline-runs", "/tmp/s1", "--biased-runs", "/tmp/s1long",
+                            "--out", str(out)])
+
+
+def test_pool_onthefly_reads_the_committed_runs():
+    """Every committed run with both schemes parses, and bench_onthefly's rule on the parsed
+    rows gives the verdict the run printed (older runs' headers lack the target, not the
+    verdict)."""
+    import re
+
+    text = pool_onthefly.HERE.joinpath("bench_onthefly.out").read_text()
+    checked = 0
+    for folder, body in pool_onthefly.sections(text).items():
+        rows = pool_onthefly.run_rows(body)
+        t = pool_onthefly.TARGET_RE.search(body)
+        line = re.search(r"^TARGET 1 \(c_ts <= half the calls of a_paper.*$", body, re.M)
+        if not (t and line and "a_paper" in rows and "c_ts" in rows):
+            continue
+        a, c = rows["a_paper"], rows["c_ts"]
+        v = bench_onthefly.target1("c_ts", c["n"], a["n"], c["calls"], a["calls"],
+                                   float(t.group(1)), c["best"], a["best"])
+        assert v.split("): ", 1)[1] == line.group(0).split("): ", 1)[1], folder
+        checked += 1
+    assert checked >= 20

@@ -1,0 +1,156 @@
+"""Pool bench_onthefly.py's live runs over seeds: issue 4 section 5, target 1, as the live
+runs count it (reference calls until a published model first reached the TS force target).
+
+A 2000-step run of the paper's scheme often ends before it has made twice the biased scheme's
+calls, and then a single run cannot say "at most half". Longer baseline runs of the same seed
+(``--only a_paper --steps 6000``) can, so the two schemes' runs are named separately:
+
+    python benchmarks/pool_onthefly.py --baseline-runs /tmp/b52 /tmp/b61 ... \\
+                                       --biased-runs /tmp/b52 /tmp/b57 ...
+
+Each folder is read from its latest ``=====`` section in ``bench_onthefly.out`` (its
+RAREFLY_BENCH_DIR); nothing is recomputed. The script prints, per seed that has both schemes,
+target 1 with bench_onthefly's own rule, and over all runs the Kaplan-Meier median of the
+calls to the target for each scheme (a run that ended before reaching it is censored at its
+call count; pool_label_value.km_median) and target 1 on the two medians. All runs must have
+the same target; one run per scheme and seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import bench_onthefly as bo  # noqa: E402  (target 1's verdict rule)
+from pool_label_value import km_median  # noqa: E402
+
+ROW_RE = re.compile(r"^(\w+)\s+(\d+)\s+\d+\s+(\d+)\s+(\d+)/(\d+)\s+(\d+|-)\s+[0-9.]+\s+([0-9.]+)\s")
+SEED_RE = re.compile(r"\bseed (\d+)\b")
+TARGET_RE = re.compile(r"^TARGET force RMSE on the TS frames: ([0-9.]+) eV/A", re.M)
+
+
+def sections(text: str) -> dict[str, str]:
+    """Run folder (RAREFLY_BENCH_DIR) -> the text of its latest ``=====`` section."""
+    out: dict[str, str] = {}
+    parts = re.split(r"^(=====.*)$", text, flags=re.M)
+    for head, body in zip(parts[1::2], parts[2::2]):
+        m = re.search(r"RAREFLY_BENCH_DIR=(\S+)", head)
+        if m:
+            out[m.group(1).rstrip("/")] = body
+    return out
+
+
+def run_rows(body: str) -> dict[str, dict]:
+    """Scheme -> {steps, calls, flagged, audit, n (calls at the target or None), best} from a
+    section's summary table."""
+    out = {}
+    for ln in body.splitlines():
+        m = ROW_RE.match(ln)
+        if m:
+            out[m.group(1)] = {"steps": int(m.group(2)), "calls": int(m.group(3)),
+                               "flagged": int(m.group(4)), "audit": int(m.group(5)),
+                               "n": None if m.group(6) == "-" else int(m.group(6)),
+                               "best": float(m.group(7))}
+    return out
+
+
+def load(folders, scheme: str, secs: dict[str, str], out_name: str) -> tuple[dict, float]:
+    """Seed -> the scheme's row (plus its folder) for every folder; the runs' common target."""
+    rows, target = {}, None
+    for f in folders:
+        key = f.rstrip("/")
+        if key not in secs:
+            sys.exit(f"{out_name} has no run in {key}; its runs are: {', '.join(secs)}.")
+        body = secs[key]
+        r = run_rows(body).get(scheme)
+        if r is None:
+            sys.exit(f"the run in {key} has no {scheme} row in its table.")
+        seed, t = SEED_RE.search(body), TARGET_RE.search(body)
+        if not (seed and t):
+            sys.exit(f"the run in {key} states no seed or no TS force target.")
+        if target is not None and abs(float(t.group(1)) - target) > 1e-4:
+            sys.exit(f"the run in {key} has target {t.group(1)} eV/A, the others {target}: not pooled.")
+        target = float(t.group(1))
+        s = int(seed.group(1))
+        if s in rows:
+            sys.exit(f"two {scheme} runs of seed {s} ({rows[s]['folder']}, {key}): name one.")
+        rows[s] = {**r, "folder": key}
+    return rows, target
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="\n".join(__doc__.splitlines()[2:]))
+    ap.add_argument("--baseline-runs", nargs="+", required=True,
+                    help="run folders whose baseline scheme counts (one per seed)")
+    ap.add_argument("--biased-runs", nargs="+", required=True,
+                    help="run folders whose biased scheme counts (one per seed)")
+    ap.add_argument("--out", type=Path, default=HERE / "bench_onthefly.out",
+                    help="the runs (default: %(default)s)")
+    ap.add_argument("--biased", default="c_ts", help="the biased scheme (default: %(default)s)")
+    ap.add_argument("--baseline", default="a_paper", help="the paper's scheme (default: %(default)s)")
+    args = ap.parse_args(argv)
+    if not args.out.exists():
+        sys.exit(f"{args.out}: no such file; name the runs' output with --out.")
+    secs = sections(args.out.read_text())
+    if not secs:
+        sys.exit(f"{args.out} holds no bench_onthefly.py run (no '===== RAREFLY_BENCH_DIR=...' line).")
+    a, b = args.baseline, args.biased
+    base, ta = load(args.baseline_runs, a, secs, args.out.name)
+    bias, tb = load(args.biased_runs, b, secs, args.out.name)
+    if abs(ta - tb) > 1e-4:
+        sys.exit(f"the {a} runs have target {ta} eV/A, the {b} runs {tb}: not pooled.")
+    target = ta
+    print(f"pool_onthefly: {len(base)} {a} runs, {len(bias)} {b} runs from {args.out.name}; "
+          f"TS force target {target:.4f} eV/A; live counts (calls until a published model "
+          f"reached it)")
+
+    def show(r):
+        return (f"{r['n']} of {r['calls']}" if r["n"] else f"not within {r['calls']}") + \
+            f" calls ({r['flagged']}/{r['audit']} flagged/audit, {r['steps']} steps, {r['folder']})"
+
+    print("\nper seed:")
+    tally: dict[str, int] = {}
+    for s in sorted(set(base) | set(bias)):
+        ra, rb = base.get(s), bias.get(s)
+        print(f"  seed {s}: {a} " + (show(ra) if ra else "no run") + f"; {b} "
+              + (show(rb) if rb else "no run"))
+        if ra and rb:
+            v = bo.target1(b, rb["n"], ra["n"], rb["calls"], ra["calls"], target, rb["best"],
+                           ra["best"])
+            verdict = v.split("): ", 1)[1]
+            print(f"    {verdict}")
+            word = verdict.split(":")[0]
+            tally[word] = tally.get(word, 0) + 1
+    print("  target 1 per seed: " + (", ".join(f"{k} {v}" for k, v in sorted(tally.items()))
+                                     or "no seed with both schemes"))
+
+    print("\nmedian calls to the target (Kaplan-Meier; a run that did not reach it is censored "
+          "at its call count)")
+    med = {}
+    for k, rows in ((a, base), (b, bias)):
+        counts = [(r["n"], True) if r["n"] else (r["calls"], False) for r in rows.values()]
+        surv, m = km_median(counts)
+        med[k] = (m, max(n for n, _ in counts))
+        print(f"  {k:8s} reached after {sorted(n for n, r in counts if r) or 'none'}, not within "
+              f"{sorted(n for n, r in counts if not r) or 'none'}: median "
+              + (f"{m}" if m else f"beyond the data (still {surv:.2f} of runs above the target "
+                 f"after {med[k][1]} calls)"))
+    (mb, _), (ma, la) = med[b], med[a]
+    if mb and ma:
+        verdict = f"{'met' if mb <= 0.5 * ma else 'missed'}: {mb} vs {ma}"
+    elif mb:
+        verdict = f"{'met' if mb <= 0.5 * la else 'not resolved'}: {mb}, {a}'s median beyond {la}"
+    else:
+        verdict = f"not resolved: {b}'s median beyond the data"
+    print(f"TARGET 1 on the median calls (live): {verdict}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
