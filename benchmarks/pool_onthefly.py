@@ -12,8 +12,10 @@ Each folder is read from its latest ``=====`` section in ``bench_onthefly.out`` 
 RAREFLY_BENCH_DIR); nothing is recomputed. The script prints, per seed that has both schemes,
 target 1 with bench_onthefly's own rule, and over all runs the Kaplan-Meier median of the
 calls to the target for each scheme (a run that ended before reaching it is censored at its
-call count; pool_label_value.km_median) and target 1 on the two medians. All runs must have
-the same target; one run per scheme and seed.
+call count; pool_label_value.km_median) and target 1 on the two medians, then target 2's
+audit coverage pooled over each scheme's runs (on the runs' own audit frames, and on the
+offline frames each final model trusts). All runs must have the same target; one run per
+scheme and seed.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ sys.path.insert(0, str(HERE))
 import bench_onthefly as bo  # noqa: E402  (target 1's verdict rule)
 from pool_label_value import km_median  # noqa: E402
 
-ROW_RE = re.compile(r"^(\w+)\s+(\d+)\s+\d+\s+(\d+)\s+(\d+)/(\d+)\s+(\d+|-)\s+[0-9.]+\s+([0-9.]+)\s")
+ROW_RE = re.compile(r"^(\w+)\s+(\d+)\s+\d+\s+(\d+)\s+(\d+)/(\d+)\s+(\d+|-)\s+[0-9.]+\s+([0-9.]+)"
+                    r"\s+[0-9.]+(?:\s+(nan|[0-9.]+) n=(\d+)\s+(nan|[0-9.]+) n=(\d+))?")
 SEED_RE = re.compile(r"\bseed (\d+)\b")
 TARGET_RE = re.compile(r"^TARGET force RMSE on the TS frames: ([0-9.]+) eV/A", re.M)
 
@@ -44,6 +47,14 @@ def sections(text: str) -> dict[str, str]:
     return out
 
 
+def _within(cov, n):
+    """(frames within epsilon, frames) from a printed coverage and its count (None if absent)."""
+    if n is None:
+        return None
+    n = int(n)
+    return (0 if cov == "nan" else round(float(cov) * n), n)
+
+
 def run_rows(body: str) -> dict[str, dict]:
     """Scheme -> {steps, calls, flagged, audit, n (calls at the target or None), best} from a
     section's summary table."""
@@ -54,7 +65,11 @@ def run_rows(body: str) -> dict[str, dict]:
             out[m.group(1)] = {"steps": int(m.group(2)), "calls": int(m.group(3)),
                                "flagged": int(m.group(4)), "audit": int(m.group(5)),
                                "n": None if m.group(6) == "-" else int(m.group(6)),
-                               "best": float(m.group(7))}
+                               "best": float(m.group(7)),
+                               # audit coverage: (frames within epsilon, frames) on the run's
+                               # audit frames and on the offline frames the final model trusts
+                               "cov_audit": _within(m.group(8), m.group(9)),
+                               "cov_offline": _within(m.group(10), m.group(11))}
     return out
 
 
@@ -149,6 +164,16 @@ def main(argv=None) -> int:
     else:
         verdict = f"not resolved: {b}'s median beyond the data"
     print(f"TARGET 1 on the median calls (live): {verdict}")
+
+    print("\naudit coverage pooled over the runs (target 2: >= 0.95): frames within epsilon / frames")
+    for k, rows in ((a, base), (b, bias)):
+        for col, what in (("cov_audit", "the runs' audit frames (model before learning each)"),
+                          ("cov_offline", "offline frames the final model trusts")):
+            got = [r[col] for r in rows.values() if r[col] is not None]
+            ok, n = sum(x for x, _ in got), sum(y for _, y in got)
+            per = " ".join(f"{x}/{y}" for x, y in got)
+            print(f"  {k:8s} {what}: " + (f"{ok}/{n} = {ok / n:.2f}" if n else "none")
+                  + f"  (per run {per})")
     return 0
 
 

@@ -172,8 +172,9 @@ def _live_section(folder: str, seed: int, rows: dict[str, tuple], target: float 
              f"TARGET force RMSE on the TS frames: {target:.4f} eV/A (half-way)",
              "scheme      steps  wall calls flag/aud N@tgt F start  F best F final    cov aud"]
     for name, (steps, calls, fl, au, n, best) in rows.items():
+        cov = "nan" if au == 0 else f"{(au - 1) / au:.2f}"     # one audit frame off
         lines.append(f"{name:11s} {steps:5d} {200:5d} {calls:5d} {f'{fl}/{au}':>6s} {n or '-':>8} "
-                     f" 0.1865  {best:.4f}  {best:.4f}  0.89 n=9")
+                     f" 0.1865  {best:.4f}  {best:.4f}  {cov} n={au:<3d} 1.00 n=7   60 30.00")
     return "\n".join(lines) + "\n"
 
 
@@ -194,6 +195,10 @@ def test_pool_onthefly_pairs_seeds_and_censors(tmp_path, capsys):
     assert "target 1 per seed: met 1, missed 1" in text
     # a_paper: reached after 12, censored at 30 -> S = 1/2 after 12: median 12; c_ts: 6, 8 -> 6
     assert "TARGET 1 on the median calls (live): met: 6 vs 12" in text
+    # audit coverage pooled over each scheme's runs: a_paper 9/10 + 2/3, c_ts 0/1 + none
+    assert "a_paper  the runs' audit frames (model before learning each): 11/13 = 0.85" in text
+    assert "c_ts     the runs' audit frames (model before learning each): 0/1 = 0.00" in text
+    assert "c_ts     offline frames the final model trusts: 14/14 = 1.00" in text
     with pytest.raises(SystemExit, match="two a_paper runs of seed 1"):
         pool_onthefly.main(["--baseline-runs", "/tmp/s1", "/tmp/s1long", "--biased-runs", "/tmp/s1",
                             "--out", str(out)])
