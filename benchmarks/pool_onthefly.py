@@ -97,6 +97,57 @@ def load(folders, scheme: str, secs: dict[str, str], out_name: str) -> tuple[dic
     return rows, target
 
 
+EPS_RE = re.compile(r"^epsilon = [^=]*= ([0-9.]+) meV", re.M)
+
+
+def audit_labels(folder: str, scheme: str) -> list[dict] | None:
+    """The run's audit labels from its trainer events (``FOLDER/SCHEME/frames.jsonl``), each
+    with ``refined``: whether the model that trusted the frame had been through a backbone
+    refinement. None when the folder is not on this machine."""
+    path = Path(folder) / scheme / "frames.jsonl"
+    if not path.exists():
+        return None
+    from rarefly.report import read_events
+
+    first_refined, out = None, []
+    for e in read_events(path):
+        if e["event"] == "publish" and e.get("gradient_steps") and first_refined is None:
+            first_refined = int(e["model_version"])
+        elif e["event"] == "label" and e.get("origin") == "audit":
+            v = int(e.get("model_version", 0))
+            out.append({**e, "refined": first_refined is not None and v >= first_refined})
+    return out
+
+
+def audit_details(rows_by_scheme, secs: dict[str, str]) -> None:
+    """Where the runs' audit frames fell outside epsilon (from the run folders, if present)."""
+    print("\naudit frames outside epsilon, from the run folders' trainer events "
+          "(error = predicted - reference energy)")
+    for k, rows in rows_by_scheme:
+        pre, post, misses, missing = [0, 0], [0, 0], [], []
+        for r in rows.values():
+            m = EPS_RE.search(secs[r["folder"]])
+            labels = audit_labels(r["folder"], k)
+            if labels is None or not m:
+                missing.append(r["folder"])
+                continue
+            eps = float(m.group(1)) / 1000.0
+            for e in labels:
+                ok = abs(float(e["error"])) < eps
+                tally = post if e["refined"] else pre
+                tally[0] += ok
+                tally[1] += 1
+                if not ok:
+                    misses.append(f"{float(e['error']):+.3f} eV at confidence "
+                                  f"{float(e.get('confidence', float('nan'))):.3f} (version "
+                                  f"{e.get('model_version')}, {r['folder']})")
+        print(f"  {k}: within epsilon {pre[0]}/{pre[1]} before the first refined version, "
+              f"{post[0]}/{post[1]} from it on"
+              + (f"; folders not found: {', '.join(missing)}" if missing else ""))
+        for line in misses:
+            print(f"    {line}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -109,6 +160,9 @@ def main(argv=None) -> int:
                     help="the runs (default: %(default)s)")
     ap.add_argument("--biased", default="c_ts", help="the biased scheme (default: %(default)s)")
     ap.add_argument("--baseline", default="a_paper", help="the paper's scheme (default: %(default)s)")
+    ap.add_argument("--audit-details", action="store_true",
+                    help="also list the audit frames outside epsilon, read from the run folders "
+                         "(their frames.jsonl) where they are on this machine")
     args = ap.parse_args(argv)
     if not args.out.exists():
         sys.exit(f"{args.out}: no such file; name the runs' output with --out.")
@@ -174,6 +228,8 @@ def main(argv=None) -> int:
             per = " ".join(f"{x}/{y}" for x, y in got)
             print(f"  {k:8s} {what}: " + (f"{ok}/{n} = {ok / n:.2f}" if n else "none")
                   + f"  (per run {per})")
+    if args.audit_details:
+        audit_details(((a, base), (b, bias)), secs)
     return 0
 
 

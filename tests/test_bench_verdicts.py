@@ -169,6 +169,7 @@ def _live_section(folder: str, seed: int, rows: dict[str, tuple], target: float 
     """A bench_onthefly.out section: rows are scheme -> (steps, calls, flagged, audit, N@tgt, best)."""
     lines = [f"===== RAREFLY_BENCH_DIR={folder} python benchmarks/bench_onthefly.py --seed {seed}",
              f"model: m.rfly; reference GFN2-xTB (tblite); i-PI NVT (SVR) at 300 K, dt 1 fs, seed {seed}",
+             "epsilon = 4 kcal/mol = 173.5 meV; starting model's confidence: ...",
              f"TARGET force RMSE on the TS frames: {target:.4f} eV/A (half-way)",
              "scheme      steps  wall calls flag/aud N@tgt F start  F best F final    cov aud"]
     for name, (steps, calls, fl, au, n, best) in rows.items():
@@ -227,3 +228,32 @@ def test_pool_onthefly_reads_the_committed_runs():
         assert v.split("): ", 1)[1] == line.group(0).split("): ", 1)[1], folder
         checked += 1
     assert checked >= 20
+
+
+def test_pool_onthefly_audit_details_split_at_the_first_refined_version(tmp_path, capsys):
+    import json
+
+    run = tmp_path / "r1"
+    (run / "a_paper").mkdir(parents=True)
+    events = [{"event": "label", "origin": "audit", "error": -0.30, "confidence": 0.99,
+               "model_version": 1},
+              {"event": "label", "origin": "flagged", "error": -0.50, "model_version": 1},
+              {"event": "publish", "model_version": 2, "gradient_steps": 0},
+              {"event": "label", "origin": "audit", "error": 0.10, "model_version": 2},
+              {"event": "publish", "model_version": 3, "gradient_steps": 300},
+              {"event": "label", "origin": "audit", "error": 0.20, "confidence": 0.97,
+               "model_version": 3}]
+    (run / "a_paper" / "frames.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    out = tmp_path / "bench_onthefly.out"
+    out.write_text(_live_section(str(run), 1, {"a_paper": (2000, 4, 1, 3, None, 0.18),
+                                               "c_ts": (2000, 6, 5, 1, 6, 0.15)}))
+    assert pool_onthefly.main(["--baseline-runs", str(run), "--biased-runs", str(run),
+                               "--out", str(out), "--audit-details"]) == 0
+    text = capsys.readouterr().out
+    # epsilon 0.1735 eV: -0.30 (version 1) and +0.20 (version 3, refined) are outside
+    assert "a_paper: within epsilon 1/2 before the first refined version, 0/1 from it on" in text
+    assert "-0.300 eV at confidence 0.990 (version 1" in text
+    assert "+0.200 eV at confidence 0.970 (version 3" in text
+    # c_ts has no events file there: said, not guessed
+    assert "c_ts: within epsilon 0/0 before the first refined version, 0/0 from it on; " \
+           f"folders not found: {run}" in text
