@@ -52,12 +52,13 @@ TARGET_RE = re.compile(r"TARGET ([0-9.]+) eV/A")
 TABLE_RE = re.compile(r"^(\w+)\s+(\d+)\s+(\d+)\s+(\d+|-)\s+(\d+|-)\s+[0-9.]+\s+[0-9.]+\s*$")
 
 
-def sections(text: str) -> dict[str, str]:
-    """Run folder -> the text of its latest ``=====`` section (later sections win)."""
+def sections(text: str, key: str = r"bench_label_value\.py\s+(\S+)") -> dict[str, str]:
+    """Run folder -> the text of its latest ``=====`` section (later sections win); ``key``
+    finds the folder on the ``=====`` line (pool_onthefly passes its own)."""
     out: dict[str, str] = {}
     parts = re.split(r"^(=====.*)$", text, flags=re.M)
     for head, body in zip(parts[1::2], parts[2::2]):
-        m = re.search(r"bench_label_value\.py\s+(\S+)", head)
+        m = re.search(key, head)
         if m:
             out[m.group(1).rstrip("/")] = body
     return out
@@ -116,6 +117,29 @@ def km_median(counts) -> tuple[float, int | None]:
                 median = t
         at_risk -= sum(1 for n, _ in counts if n == t)
     return surv, median
+
+
+def median_summary(name: str, counts, unit: str) -> tuple[tuple, str]:
+    """Kaplan-Meier median of one scheme's ``counts`` ([(n, reached)] per run): ((median or
+    None, the largest count seen), a line saying what went in and what came out)."""
+    surv, m = km_median(counts)
+    last = max(n for n, _ in counts)
+    line = (f"{name:8s} reached after {sorted(n for n, r in counts if r) or 'none'}, not within "
+            f"{sorted(n for n, r in counts if not r) or 'none'}: median "
+            + (f"{m}" if m else f"beyond the data (still {surv:.2f} of runs above the target "
+               f"after {last} {unit})"))
+    return (m, last), line
+
+
+def median_verdict(a: str, b: str, med: dict) -> str:
+    """Target 1 on two medians from :func:`median_summary` (bench_onthefly's rule: b at most
+    half of a; a median beyond the data is larger than the largest count seen)."""
+    (mb, _), (ma, la) = med[b], med[a]
+    if mb and ma:
+        return f"{'met' if mb <= 0.5 * ma else 'missed'}: {mb} vs {ma}"
+    if mb:
+        return f"{'met' if mb <= 0.5 * la else 'not resolved'}: {mb}, {a}'s median beyond {la}"
+    return f"not resolved: {b}'s median beyond the data"
 
 
 def by_flagged(curve) -> list[float]:
@@ -250,21 +274,9 @@ def main(argv=None) -> int:
                 else:
                     counts.append((nf, True) if nf else
                                   (sum(o != "audit" for o, _ in c[k]), False))
-            surv, m = km_median(counts)
-            med[k] = (m, max(n for n, _ in counts))
-            reached = sorted(n for n, r in counts if r)
-            print(f"  {unit:15s} {k:8s} reached after {reached or 'none'}, not within "
-                  f"{sorted(n for n, r in counts if not r) or 'none'}: median "
-                  + (f"{m}" if m else f"beyond the data (still {surv:.2f} of runs above the "
-                     f"target after {med[k][1]})"))
-        (mb, _), (ma, la) = med[b], med[a]
-        if mb and ma:
-            verdict = f"{'met' if mb <= 0.5 * ma else 'missed'}: {mb} vs {ma}"
-        elif mb:
-            verdict = (f"{'met' if mb <= 0.5 * la else 'not resolved'}: {mb}, {a}'s median beyond "
-                       f"{la}")
-        else:
-            verdict = f"not resolved: {b}'s median beyond the data"
+            med[k], line = median_summary(k, counts, unit)
+            print(f"  {unit:15s} {line}")
+        verdict = median_verdict(a, b, med)
         print(f"  TARGET 1 on the median counts ({unit}): {verdict}")
 
     pooled(runs, a, b, target, "labels",

@@ -28,7 +28,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import bench_onthefly as bo  # noqa: E402  (target 1's verdict rule)
-from pool_label_value import km_median  # noqa: E402
+import pool_label_value as plv  # noqa: E402  (the shared parsing and median helpers)
 
 ROW_RE = re.compile(r"^(\w+)\s+(\d+)\s+\d+\s+(\d+)\s+(\d+)/(\d+)\s+(\d+|-)\s+[0-9.]+\s+([0-9.]+)"
                     r"\s+[0-9.]+(?:\s+(nan|[0-9.]+) n=(\d+)\s+(nan|[0-9.]+) n=(\d+))?")
@@ -38,13 +38,7 @@ TARGET_RE = re.compile(r"^TARGET force RMSE on the TS frames: ([0-9.]+) eV/A", r
 
 def sections(text: str) -> dict[str, str]:
     """Run folder (RAREFLY_BENCH_DIR) -> the text of its latest ``=====`` section."""
-    out: dict[str, str] = {}
-    parts = re.split(r"^(=====.*)$", text, flags=re.M)
-    for head, body in zip(parts[1::2], parts[2::2]):
-        m = re.search(r"RAREFLY_BENCH_DIR=(\S+)", head)
-        if m:
-            out[m.group(1).rstrip("/")] = body
-    return out
+    return plv.sections(text, key=r"RAREFLY_BENCH_DIR=(\S+)")
 
 
 def _within(cov, n):
@@ -204,19 +198,9 @@ def main(argv=None) -> int:
     med = {}
     for k, rows in ((a, base), (b, bias)):
         counts = [(r["n"], True) if r["n"] else (r["calls"], False) for r in rows.values()]
-        surv, m = km_median(counts)
-        med[k] = (m, max(n for n, _ in counts))
-        print(f"  {k:8s} reached after {sorted(n for n, r in counts if r) or 'none'}, not within "
-              f"{sorted(n for n, r in counts if not r) or 'none'}: median "
-              + (f"{m}" if m else f"beyond the data (still {surv:.2f} of runs above the target "
-                 f"after {med[k][1]} calls)"))
-    (mb, _), (ma, la) = med[b], med[a]
-    if mb and ma:
-        verdict = f"{'met' if mb <= 0.5 * ma else 'missed'}: {mb} vs {ma}"
-    elif mb:
-        verdict = f"{'met' if mb <= 0.5 * la else 'not resolved'}: {mb}, {a}'s median beyond {la}"
-    else:
-        verdict = f"not resolved: {b}'s median beyond the data"
+        med[k], line = plv.median_summary(k, counts, "calls")
+        print(f"  {line}")
+    verdict = plv.median_verdict(a, b, med)
     print(f"TARGET 1 on the median calls (live): {verdict}")
 
     print("\naudit coverage pooled over the runs (target 2: >= 0.95): frames within epsilon / frames")
