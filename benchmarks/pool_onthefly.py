@@ -15,7 +15,9 @@ calls to the target for each scheme (a run that ended before reaching it is cens
 call count; pool_label_value.km_median) and target 1 on the two medians, then target 2's
 audit coverage pooled over each scheme's runs (on the runs' own audit frames, and on the
 offline frames each final model trusts). All runs must have the same target; one run per
-scheme and seed.
+scheme and seed. ``--audit-details`` also lists the audit frames outside epsilon, read from
+the run folders' trainer events (``FOLDER/SCHEME/frames.jsonl``) where they are on this
+machine, split at the first model version that had a backbone refinement.
 """
 
 from __future__ import annotations
