@@ -232,29 +232,33 @@ def main(argv=None) -> int:
     a, b = args.baseline, args.biased
     print(f"pool_label_value: {len(runs)} replays from {args.out.name}; target {target:.4f} eV/A; "
           f"{a} against {b}")
+    # per run and scheme, once: (labels at the target or None, labels in all), as counted and
+    # counting flagged labels only; the counts at the target are the replay's own (full precision)
+    counts: dict[str, dict[str, list[tuple]]] = {"labels": {a: [], b: []},
+                                                  "flagged labels": {a: [], b: []}}
+    tally: dict[str, dict[str, int]] = {unit: {} for unit in counts}
     print("\nper run: labels to reach the target (replayed), as counted and flagged labels only")
-    tally: dict[str, dict[str, int]] = {"labels": {}, "flagged labels": {}}
     for key, c in runs:
-        fa, fb = [f for _, f in c[a]], [f for _, f in c[b]]
-        na, nb = first_at(fa, target), first_at(fb, target)
         tab = tables[key]
-        for k, n in ((a, na), (b, nb)):     # the printed values and target are rounded
-            if k in tab and tab[k][0] != n:
+        for k in (a, b):
+            fs = [f for _, f in c[k]]
+            n = first_at(fs, target)
+            if k in tab and tab[k][0] != n:   # the printed values and target are rounded
                 print(f"  {key}: {k} at the target after {tab[k][0]} labels by the replay's own "
                       f"table, {n} from its rounded figures: the table's count is used")
-        na, nb = tab.get(a, (na,))[0], tab.get(b, (nb,))[0]
-        print(f"  {key}: {a} " + (f"{na}" if na else f"not within {len(fa)} (best {min(fa):.4f})")
-              + f", {b} " + (f"{nb}" if nb else f"not within {len(fb)} (best {min(fb):.4f})"))
-        for unit, only in (("labels", False), ("flagged labels", True)):
-            counts = []
-            for c_s, n in ((c[b], nb), (c[a], na)):
-                kept = [o for o, _ in c_s if not only or o != "audit"]
-                counts.append((len(kept), None if n is None else
-                               sum(1 for o, _ in c_s[:n] if not only or o != "audit")))
-            (cb, nb_u), (ca, na_u) = counts
-            v = bo.target1(b, nb_u, na_u, cb, ca, target, min(fb), min(fa), unit=unit, how="replayed")
-            print(f"    {v.split('): ', 1)[1]}   [{unit}]")
-            word = v.split("): ", 1)[1].split(":")[0]
+                n = tab[k][0]
+            nf = None if n is None else sum(o != "audit" for o, _ in c[k][:n])
+            counts["labels"][k].append((n, len(fs), min(fs)))
+            counts["flagged labels"][k].append((nf, sum(o != "audit" for o, _ in c[k]), min(fs)))
+        (na, la, ba), (nb, lb, bb) = counts["labels"][a][-1], counts["labels"][b][-1]
+        print(f"  {key}: {a} " + (f"{na}" if na else f"not within {la} (best {ba:.4f})")
+              + f", {b} " + (f"{nb}" if nb else f"not within {lb} (best {bb:.4f})"))
+        for unit in counts:
+            (na, ca, ba), (nb, cb, bb) = counts[unit][a][-1], counts[unit][b][-1]
+            v = bo.target1(b, nb, na, cb, ca, target, bb, ba, unit=unit, how="replayed")
+            verdict = v.split("): ", 1)[1]
+            print(f"    {verdict}   [{unit}]")
+            word = verdict.split(":")[0]
             tally[unit][word] = tally[unit].get(word, 0) + 1
     for unit, t in tally.items():
         print(f"  target 1 per run, {unit}: " + ", ".join(f"{k} {v}" for k, v in sorted(t.items())))
@@ -263,21 +267,13 @@ def main(argv=None) -> int:
     # did not reach it censored where they ended (Kaplan-Meier)
     print("\nmedian labels to the target over the runs (Kaplan-Meier; a run that did not reach it "
           "counts as censored at its last label)")
-    for unit in ("labels", "flagged labels"):
+    for unit in counts:
         med = {}
         for k in (a, b):
-            counts = []
-            for key, c in runs:
-                n, nf = tables[key].get(k, (None, None))
-                if unit == "labels":
-                    counts.append((n, True) if n else (len(c[k]), False))
-                else:
-                    counts.append((nf, True) if nf else
-                                  (sum(o != "audit" for o, _ in c[k]), False))
-            med[k], line = median_summary(k, counts, unit)
+            km = [(n, True) if n else (total, False) for n, total, _ in counts[unit][k]]
+            med[k], line = median_summary(k, km, unit)
             print(f"  {unit:15s} {line}")
-        verdict = median_verdict(a, b, med)
-        print(f"  TARGET 1 on the median counts ({unit}): {verdict}")
+        print(f"  TARGET 1 on the median counts ({unit}): {median_verdict(a, b, med)}")
 
     pooled(runs, a, b, target, "labels",
            {k: [[f for _, f in c[k]] for _, c in runs] for k in (a, b, "control")
