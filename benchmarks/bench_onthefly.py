@@ -292,6 +292,7 @@ backbone_every = {args.backbone_every}
 duplicate_distance = {args.duplicate_distance}
 calibration_memory = {args.calibration_memory}
 recalibrate_after_refinement = {"true" if args.recalibrate else "false"}
+calibration_tilt = {"true" if args.calibration_tilt else "false"}
 replay_energies = {"true" if args.replay_energies else "false"}
 align_energies = {"true" if args.align else "false"}
 holdout_file = "{TS}"
@@ -545,6 +546,9 @@ def main() -> int:
     ap.add_argument("--recalibrate", action="store_true",
                     help="restart the Student-t calibration after each backbone refinement "
                          "([learning] recalibrate_after_refinement)")
+    ap.add_argument("--calibration-tilt", action="store_true",
+                    help="centre the energy error model on the Boltzmann tilt -sigma_E^2/kT "
+                         "([learning] calibration_tilt)")
     ap.add_argument("--replay-energies", action="store_true",
                     help="after a refinement the readout also takes the replay frames' energies "
                          "([learning] replay_energies)")
@@ -594,6 +598,8 @@ def main() -> int:
              "([learning] calibration_memory)" if args.calibration_memory else "")
           + ("; calibration restarted after each refinement ([learning] "
              "recalibrate_after_refinement)" if args.recalibrate else "")
+          + ("; energy error model centred on the Boltzmann tilt -sigma_E^2/kT ([learning] "
+             "calibration_tilt)" if args.calibration_tilt else "")
           + ("; the readout also takes the replay energies after a refinement ([learning] "
              "replay_energies)" if args.replay_energies else ""))
     print(f"epsilon = {args.epsilon_kcal:g} kcal/mol = {eps * 1000:.1f} meV; starting model's "

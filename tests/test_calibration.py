@@ -74,3 +74,53 @@ def test_forgetting_follows_the_recent_errors_and_memory_0_is_the_paper_update()
     assert (c.a, c.b) == pytest.approx((PRIOR_A + 5, PRIOR_B + 20))
     with pytest.raises(ValueError, match="discount"):
         c.discount(0.0)
+
+
+# ------------------------------------------------------------------ the Boltzmann tilt
+
+def _numerical_tilted(epsilon, sigma, a, b, kT):
+    # e = -sigma^2/kT + sigma s z: integrate the normal's mass in (-eps, eps) over s^2
+    loc = -sigma * sigma / kT
+
+    def f(s2):
+        sd = np.sqrt(s2) * sigma
+        return stats.invgamma.pdf(s2, a, scale=b) * (stats.norm.cdf((epsilon - loc) / sd)
+                                                      - stats.norm.cdf((-epsilon - loc) / sd))
+
+    return integrate.quad(f, 0, np.inf, limit=400)[0]
+
+
+@pytest.mark.parametrize("a,b", [(1.5, 10.0), (12.0, 20.0)])
+@pytest.mark.parametrize("sigma", [0.01, 0.05, 0.12])
+def test_tilted_confidence_matches_integration(a, b, sigma):
+    kT, eps = 0.02585, 0.17
+    cal = ScaleCalibration(a, b, tilt_kT=kT)
+    assert cal.confidence(sigma, eps) == pytest.approx(_numerical_tilted(eps, sigma, a, b, kT), abs=2e-6)
+    # the tilt only takes confidence away, and more where sigma is large
+    assert cal.confidence(sigma, eps) <= confidence(eps, sigma, a, b) + 1e-12
+
+
+def test_tilted_update_centres_the_residuals_and_round_trips():
+    rng = np.random.default_rng(5)
+    kT = 0.02585
+    sig = rng.uniform(0.02, 0.08, 4000)
+    err = -sig ** 2 / kT + rng.normal(0, 2.0 * sig)       # visited frames: tilted, spread 2 sigma
+    tilted, zero = ScaleCalibration(tilt_kT=kT), ScaleCalibration()
+    tilted.update(-err, sig)                               # residuals are reference - prediction
+    zero.update(-err, sig)
+    assert tilted.variance_factor == pytest.approx(4.0, rel=0.08)
+    assert zero.variance_factor > 1.2 * tilted.variance_factor     # the bias taken as spread
+    # coverage of fresh errors at one sigma
+    s = 0.06
+    fresh = -s ** 2 / kT + rng.normal(0, 2.0 * s, 20000)
+    assert tilted.confidence(s, 0.17) == pytest.approx(np.mean(np.abs(fresh) < 0.17), abs=0.02)
+    # the model file keeps the tilt, and omits it when there is none (files as before)
+    cal = Calibration.prior()
+    assert "tilt_kT" not in cal.to_dict()["energy"]
+    cal.set_tilt(kT)
+    back = Calibration.from_dict(cal.to_dict())
+    assert back.energy.tilt_kT == kT and back.forces.tilt_kT is None
+    back.restart()
+    assert back.energy.tilt_kT == kT
+    with pytest.raises(ValueError, match="kT > 0"):
+        cal.set_tilt(0.0)

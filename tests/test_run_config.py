@@ -405,3 +405,41 @@ def test_learning_switches_reach_the_trainer(tmp_path, ethanol_xyz, key, flag, b
     assert flag not in run.trainer_command()
     fails(write(tmp_path, f"[learning]\n{key} = {bad}\n", structure=ethanol_xyz),
           f"[learning] {key}", check_code=False)
+
+
+def test_calibration_tilt_is_written_into_the_runs_model(tmp_path, ethanol_xyz, model_file):
+    """[learning] calibration_tilt puts k_B T x beads into the run's model file, where the
+    driver's confidence and the trainer's updates read it; switched off, it is taken out."""
+    from ase.units import kB
+
+    from rarefly.model_file import load_model_file
+    from rarefly.posterior import load_posterior
+    from rarefly.run import Files, prepare_model
+
+    def cfg(tilt: bool):
+        return load_config(write(tmp_path, f"""
+            temperature = "400 K"
+            beads = 2
+            [model]
+            file = "{model_file}"
+            [learning]
+            calibration_tilt = {"true" if tilt else "false"}
+            [output]
+            directory = "out"
+        """, ethanol_xyz), check_code=False)
+
+    files = Files(tmp_path / "out")
+    files.root.mkdir()
+    prepare_model(cfg(True), files, fresh=True)
+    assert load_model_file(files.model)["calibration"]["energy"]["tilt_kT"] == pytest.approx(kB * 800)
+    post = load_posterior(files.model)
+    assert post.calibration.energy.tilt_kT == pytest.approx(kB * 800)
+    plain = load_posterior(model_file)
+    assert plain.calibration.energy.tilt_kT is None
+    from ase.io import read
+
+    from rarefly.prediction import Structure
+    s = Structure.from_atoms(read(ethanol_xyz))
+    assert post.predict([s])[0].confidence < plain.predict([s])[0].confidence
+    prepare_model(cfg(False), files, fresh=False)
+    assert "tilt_kT" not in load_model_file(files.model)["calibration"]["energy"]

@@ -186,7 +186,8 @@ def render_plumed(cfg: RunConfig, restart: bool) -> str:
 # ----------------------------------------------------------------------------- preparing
 
 def prepare_model(cfg: RunConfig, files: Files, fresh: bool) -> None:
-    """The model copy the trainer publishes to; [learning] epsilon written into it."""
+    """The model copy the trainer publishes to; [learning] epsilon and the calibration's
+    Boltzmann tilt ([learning] calibration_tilt) written into it."""
     if fresh:
         if cfg.model.file is not None:
             shutil.copyfile(cfg.model.file, files.model)
@@ -196,13 +197,25 @@ def prepare_model(cfg: RunConfig, files: Files, fresh: bool) -> None:
             print(f"rarefly run: fitting a {cfg.model.kind} posterior on the "
                   f"{cfg.model.foundation} foundation model (once, into {files.model})")
             build_model(files.model, cfg.model.kind, cfg.model.foundation, progress=True)
-    if cfg.learning.epsilon is not None:
-        from rarefly.model_file import load_model_file, save_model_file
+    from ase.units import kB
 
-        payload = load_model_file(files.model)
-        if payload["settings"].get("epsilon") != cfg.learning.epsilon:
-            payload["settings"] = dict(payload["settings"], epsilon=cfg.learning.epsilon)
-            save_model_file(files.model, payload)
+    from rarefly.model_file import load_model_file, save_model_file
+
+    payload = load_model_file(files.model)
+    changed = False
+    if cfg.learning.epsilon is not None and payload["settings"].get("epsilon") != cfg.learning.epsilon:
+        payload["settings"] = dict(payload["settings"], epsilon=cfg.learning.epsilon)
+        changed = True
+    # the Boltzmann tilt of the calibration: k_B T per bead's weight (T times the beads)
+    tilt = kB * cfg.system.temperature * cfg.system.beads if cfg.learning.calibration_tilt else None
+    energy_cal = payload["calibration"]["energy"]
+    if energy_cal.get("tilt_kT") != tilt:
+        payload["calibration"] = dict(payload["calibration"], energy=dict(energy_cal, tilt_kT=tilt))
+        if tilt is None:
+            del payload["calibration"]["energy"]["tilt_kT"]
+        changed = True
+    if changed:
+        save_model_file(files.model, payload)
 
 
 def prepare_holdout(cfg: RunConfig, files: Files, atoms) -> Path | None:
