@@ -49,7 +49,9 @@ is below that floor: a lastlayer posterior cannot reach basin accuracy in the TS
 Reported per scheme, read from the run folder with rarefly.report's readers: reference calls
 until the held-out TS force RMSE first reaches the target, the learning curve (TS force RMSE
 against reference calls), coverage P(|E err| < epsilon) on the run's audit frames (errors of
-the model version before it learned the frame, as the trainer logs them) and, with more
+the model version that served the frame, the trainer's ``served_error``; runs 1-72 printed
+the trainer's own pre-update error, which for a label that finished during a refinement is
+the refined model's: ``pool_onthefly.py`` recomputes theirs from the run folders) and, with more
 frames, on an offline audit (N random frames of the run's own trajectory, labelled with xTB,
 predicted by the final model; coverage over those the final model would not flag), and the
 trainer's gradient steps per reference call (its publish events).
@@ -450,7 +452,10 @@ def analyse(name: str, wall: float | None, target: float, epsilon: float, n_audi
             flagged_at.append(nf)
     reached_flagged = next((k for (_, f, _), k in zip(curve, flagged_at) if f <= target), None)
     audit = data.origin("audit")
-    cov_online = float(np.mean([bool(e["within_eps"]) for e in audit])) if audit else float("nan")
+    # the model that served each audit frame (runs before 2026-12-07 17:50 UTC logged only the
+    # trainer's prediction, the refined model's for labels that finished during a refinement)
+    cov_online = (float(np.mean([bool(e.get("served_within_eps", e["within_eps"])) for e in audit]))
+                  if audit else float("nan"))
     steps = int(data.props["step"].max()) if "step" in data.props else 0
     grad = [int(e.get("gradient_steps", 0)) for e in data.publishes]
     secs = [float(e.get("seconds", 0.0)) for e in data.publishes]
@@ -682,7 +687,7 @@ def main() -> int:
                  if r.get("off_md") else f"{'-':>12s}"))
     print("columns: calls = reference calls (flagged/audit); N@tgt = calls when the TS force RMSE "
           "first reached the target; cov aud = P(|E err| < eps) on the run's audit frames "
-          "(model before learning each); cov off = the same on random trajectory frames the "
+          "(the model that served each); cov off = the same on random trajectory frames the "
           "final model trusts (conf >= 0.95), xTB-labelled offline; grad/call = gradient steps "
           "per call from the trainer's publish events; upd s = seconds per update; phi max, "
           "|phi|<30 = trajectory (every 10 steps); TS lab = labelled frames with |phi| < 45; "

@@ -43,6 +43,16 @@ def sections(text: str) -> dict[str, str]:
     return plv.sections(text, key=r"RAREFLY_BENCH_DIR=(\S+)")
 
 
+def coverage_interval(ok: int, n: int, level: float = 0.95) -> str:
+    """The exact (Clopper-Pearson) two-sided interval of a coverage ``ok`` of ``n`` frames:
+    with the few audit frames of a run, a coverage of 1.00 on 5 frames says little."""
+    from scipy.stats import beta
+
+    lo = beta.ppf((1 - level) / 2, ok, n - ok + 1) if ok > 0 else 0.0
+    hi = beta.ppf(1 - (1 - level) / 2, ok + 1, n - ok) if ok < n else 1.0
+    return f"{level:.0%} interval {lo:.2f}-{hi:.2f}"
+
+
 def _within(cov, n):
     """(frames within epsilon, frames) from a printed coverage and its count (None if absent)."""
     if n is None:
@@ -98,47 +108,94 @@ EPS_RE = re.compile(r"^epsilon = [^=]*= ([0-9.]+) meV", re.M)
 
 def audit_labels(folder: str, scheme: str) -> list[dict] | None:
     """The run's audit labels from its trainer events (``FOLDER/SCHEME/frames.jsonl``), each
-    with ``refined``: whether the model that trusted the frame had been through a backbone
-    refinement. None when the folder is not on this machine."""
+    with ``served_error`` and ``served_version``: the error of the model that served the frame
+    (and trusted it), from the event or, for runs before the trainer logged it, from the
+    driver's prediction stored with the frame (``frames.db``); and ``refined``: whether that
+    model had been through a backbone refinement. The event's own ``error`` is the trainer's
+    prediction before it learned the label: the refined model's for a label that finished
+    during a refinement. None when the folder is not on this machine."""
     path = Path(folder) / scheme / "frames.jsonl"
     if not path.exists():
         return None
     from rarefly.report import read_events
 
+    events = read_events(path)
+    rows = None
+    if any(e["event"] == "label" and e.get("origin") == "audit" and "served_error" not in e
+           for e in events):
+        from rarefly.trainer.store import FrameStore
+
+        db = FrameStore(Path(folder) / scheme / "frames.db").db
+        rows = {r.id: r for r in db.select(origin="audit")}
     first_refined, out = None, []
-    for e in read_events(path):
+    for e in events:
         if e["event"] == "publish" and e.get("gradient_steps") and first_refined is None:
             first_refined = int(e["model_version"])
         elif e["event"] == "label" and e.get("origin") == "audit":
-            v = int(e.get("model_version", 0))
-            out.append({**e, "refined": first_refined is not None and v >= first_refined})
+            e = dict(e)
+            if "served_error" not in e:
+                r = rows[e["row"]]
+                # the label's reference energy in the model's zero, as the event has it
+                e.update(served_error=float(r.pred_energy) - float(e["ref_energy"]),
+                         served_version=r.get("model_version"), served_confidence=r.get("confidence"),
+                         served_sigma_raw=r.get("sigma_E_raw"))
+            v = int(e.get("served_version") or e.get("model_version", 0))
+            e["refined"] = first_refined is not None and v >= first_refined
+            out.append(e)
     return out
+
+
+def run_epsilon(folder: str, scheme: str, section: str) -> float | None:
+    """The run's epsilon (eV): from its config when the folder is here (full precision), else
+    from the .out section's header (0.1 meV)."""
+    config = Path(folder) / f"{scheme}.toml"
+    if config.exists():
+        import tomllib
+
+        text = tomllib.loads(config.read_text())["learning"]["epsilon"]
+        return float(str(text).split()[0])
+    m = EPS_RE.search(section)
+    return float(m.group(1)) / 1000.0 if m else None
+
+
+def served_coverage(rows, scheme: str, secs: dict[str, str]):
+    """Audit frames within epsilon by the model that served them, pooled over the runs whose
+    folders are here: (within, frames, per-run list, folders missing, labels)."""
+    ok = n = 0
+    per, missing, labels = [], [], []
+    for r in rows.values():
+        got = audit_labels(r["folder"], scheme)
+        eps = run_epsilon(r["folder"], scheme, secs[r["folder"]])
+        if got is None or eps is None:
+            missing.append(r["folder"])
+            continue
+        w = sum(abs(float(e["served_error"])) < eps for e in got)
+        ok, n = ok + w, n + len(got)
+        per.append(f"{w}/{len(got)}")
+        labels.extend((e, eps, r["folder"]) for e in got)
+    return ok, n, per, missing, labels
 
 
 def audit_details(rows_by_scheme, secs: dict[str, str]) -> None:
     """Where the runs' audit frames fell outside epsilon (from the run folders, if present)."""
-    print("\naudit frames outside epsilon, from the run folders' trainer events "
+    print("\naudit frames outside epsilon for the model that served them, from the run folders "
           "(error = predicted - reference energy)")
     for k, rows in rows_by_scheme:
-        pre, post, misses, missing = [0, 0], [0, 0], [], []
-        for r in rows.values():
-            m = EPS_RE.search(secs[r["folder"]])
-            labels = audit_labels(r["folder"], k)
-            if labels is None or not m:
-                missing.append(r["folder"])
-                continue
-            eps = float(m.group(1)) / 1000.0
-            for e in labels:
-                ok = abs(float(e["error"])) < eps
-                tally = post if e["refined"] else pre
-                tally[0] += ok
-                tally[1] += 1
-                if not ok:
-                    misses.append(f"{float(e['error']):+.3f} eV at confidence "
-                                  f"{float(e.get('confidence', float('nan'))):.3f} (version "
-                                  f"{e.get('model_version')}, {r['folder']})")
-        print(f"  {k}: within epsilon {pre[0]}/{pre[1]} before the first refined version, "
-              f"{post[0]}/{post[1]} from it on"
+        _, _, _, missing, labels = served_coverage(rows, k, secs)
+        pre, post, logged, misses = [0, 0], [0, 0], 0, []
+        for e, eps, folder in labels:
+            ok = abs(float(e["served_error"])) < eps
+            tally = post if e["refined"] else pre
+            tally[0] += ok
+            tally[1] += 1
+            logged += abs(float(e["error"])) < eps
+            if not ok:
+                misses.append(f"{float(e['served_error']):+.3f} eV at confidence "
+                              f"{float(e.get('served_confidence') or float('nan')):.3f} (version "
+                              f"{e.get('served_version')}, {folder})")
+        print(f"  {k}: within epsilon {pre[0]}/{pre[1]} served before the first refined version, "
+              f"{post[0]}/{post[1]} from it on; as the trainer logged them (the refined model's "
+              f"error for labels that finished during a refinement) {logged}/{len(labels)}"
               + (f"; folders not found: {', '.join(missing)}" if missing else ""))
         for line in misses:
             print(f"    {line}")
@@ -207,13 +264,19 @@ def main(argv=None) -> int:
 
     print("\naudit coverage pooled over the runs (target 2: >= 0.95): frames within epsilon / frames")
     for k, rows in ((a, base), (b, bias)):
-        for col, what in (("cov_audit", "the runs' audit frames (model before learning each)"),
+        for col, what in (("cov_audit", "the runs' audit frames as bench_onthefly printed it"),
                           ("cov_offline", "offline frames the final model trusts")):
             got = [r[col] for r in rows.values() if r[col] is not None]
             ok, n = sum(x for x, _ in got), sum(y for _, y in got)
             per = " ".join(f"{x}/{y}" for x, y in got)
-            print(f"  {k:8s} {what}: " + (f"{ok}/{n} = {ok / n:.2f}" if n else "none")
-                  + f"  (per run {per})")
+            print(f"  {k:8s} {what}: " + (f"{ok}/{n} = {ok / n:.2f} ({coverage_interval(ok, n)})"
+                                          if n else "none") + f"  (per run {per})")
+    print("  the model that served each audit frame (and trusted it), from the run folders:")
+    for k, rows in ((a, base), (b, bias)):
+        ok, n, per, missing, _ = served_coverage(rows, k, secs)
+        print(f"  {k:8s} " + (f"{ok}/{n} = {ok / n:.2f} ({coverage_interval(ok, n)})" if n else "none")
+              + f"  (per run {' '.join(per)})"
+              + (f"; folders not found: {', '.join(missing)}" if missing else ""))
     if args.audit_details:
         audit_details(((a, base), (b, bias)), secs)
     return 0

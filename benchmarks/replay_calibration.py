@@ -1,11 +1,15 @@
 """Replay on-the-fly runs' calibration offline: the seed paper's zero-mean Student-t against
-the same with a learned location, and the start model's error on the runs' audit frames.
+the same with a learned location and centred on the Boltzmann tilt, and the start model's
+error on the runs' audit frames.
 
 Why: target 2 of issue 4 (coverage >= 0.95 on audit frames) is missed on the runs' own audit
 frames, and every miss has one sign (the model's energy too low, ``pool_onthefly.out``). MD on
 a model visits configurations in proportion to exp(-E_model/kT), so it over-samples frames
-where the model's energy is too low; a zero-mean error model cannot see that. The located
-calibration models the standardized residuals r = (reference - prediction) / sigma as
+where the model's energy is too low; a zero-mean error model cannot see that. Two error
+models with a location are replayed. The *tilted* one is ``rarefly.calibration``'s
+``tilt_kT`` (``[learning] calibration_tilt``): given that MD visited a frame, its error is
+expected at -sigma_raw^2/kT, with no parameter learned. The *located* one learns a location:
+it models the standardized residuals r = (reference - prediction) / sigma as
 N(m, s^2) with the conjugate Normal-Inverse-Gamma prior m | s^2 ~ N(0, s^2 / kappa0),
 s^2 ~ InvGamma(a, b) (kappa0 = 1; a, b as the zero-mean scale's). After residuals r_1..r_n
 (mean rbar):
@@ -23,14 +27,18 @@ Usage::
 
 Each FOLDER is a ``bench_onthefly.py`` run folder (``FOLDER/SCHEME/frames.jsonl``, the
 trainer's events, and ``FOLDER/SCHEME/simulation.uncertainty_0``, i-PI's extras of every MD
-step). Both calibrations take the same residuals in the same updates as the run's trainer
-did (the labels logged since the previous ``publish``, discounted with the run's
-``calibration_memory``), from the start model's calibration. The zero-mean replay must
-reproduce the ``a``, ``b`` each ``publish`` event logged (the deviation is printed).
+step). Every calibration (zero-mean, located, tilted) takes the same residuals in the same
+updates as the run's trainer did (the labels logged since the previous ``publish``,
+discounted with the run's ``calibration_memory``), from the start model's calibration. The
+replay of the run's own calibration (zero-mean, or tilted for runs made with
+``calibration_tilt``) must reproduce the ``a``, ``b`` each ``publish`` event logged and the
+labels' and the steps' confidence; the command exits 1 when it does not.
 
-Printed per run and pooled: the audit frames each calibration would still trust (confidence
->= the run's level, with the calibration of the model that predicted the frame) and how many
-of those were within epsilon, and the fraction of the run's MD steps each would have flagged
+Printed per run and pooled: the audit frames each calibration would still trust and how many
+of those were within epsilon. Each audit frame is taken as the model that served it saw it:
+its error and raw sigma as the driver sent them with the frame (``pool_onthefly.audit_labels``;
+the trainer's own error of a label that finished during a refinement is the refined model's),
+judged with that model version's calibration (trusted: confidence >= the run's level); and the fraction of the run's MD steps each would have flagged
 (a step's raw sigma is its logged calibrated sigma over the version's variance factor). With
 ``--start-model-errors``, also the start model's energy error on every audit frame (from
 ``FOLDER/SCHEME/frames.db``) beside its error on the frames a reference MD sampled (the 35
@@ -56,12 +64,12 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "driver"))
 
+from pool_onthefly import audit_labels, coverage_interval  # noqa: E402
 from rarefly.calibration import PRIOR_A, PRIOR_B, Calibration  # noqa: E402
 
 DEFAULT_MODEL = os.path.join(HERE, "data", "ala2_c7eq_thermal_ft2000_misfit.rfly")
 HELD_OUT = os.path.join(HERE, "data", "ala2_c7eq_thermal_xtb.xyz")   # the last 35: not fitted
 PRIOR_KAPPA = 1.0
-KB_EV_PER_K = 8.617333262e-5
 
 
 class LocatedScale:
@@ -160,15 +168,19 @@ def replay(folder: str, scheme: str, start: Calibration) -> dict | None:
         config = tomllib.load(fh)
     learning = config["learning"]
     eps = _quantity(learning["epsilon"], "eV")
-    kT = KB_EV_PER_K * _quantity(config.get("system", {}).get("temperature", "300 K"), "K")
+    from ase.units import kB           # as rarefly run writes the tilt
+
+    system = config.get("system", {})
+    kT = kB * _quantity(system.get("temperature", "300 K"), "K") * int(system.get("beads", 1))
     level = float(learning.get("level", 0.95))
     memory = int(learning.get("calibration_memory", 0))
     if learning.get("recalibrate_after_refinement"):
         raise SystemExit(f"{folder}/{scheme}: recalibrate_after_refinement is not replayed")
     cals = {"paper": ZeroMean(start), "located": LocatedScale(start.energy.a, start.energy.b),
             "tilted": Tilted(start, kT)}
+    own = "tilted" if learning.get("calibration_tilt") else "paper"   # the run's calibration
     states = {1: copy.deepcopy(cals)}
-    pending, audits, deviation, conf_dev, errors = [], [], 0.0, 0.0, []
+    pending, deviation, conf_dev = [], 0.0, 0.0
 
     def flush():
         # one update_calibration of the trainer: discount, then the residuals
@@ -188,39 +200,41 @@ def replay(folder: str, scheme: str, start: Calibration) -> dict | None:
                             # those that finished during it (``refined``), predicted by the
                             # refined model, update it again before its version is published
             pending.append(e)
-            # the mean error of the last ``memory`` labels (all, without memory) before it
-            recent = errors[-memory:] if memory else errors
-            shift = float(np.mean(recent)) if recent else 0.0
-            errors.append(e["error"])
             # the calibration of the model that predicted the label, as the trainer logged it
-            c = {name: cal.confidence(e["sigma_raw"], eps) for name, cal in cals.items()}
-            conf_dev = max(conf_dev, abs(c["paper"] - e["confidence"]))
-            if e.get("origin") == "audit":
-                audits.append((e, c, shift))
+            conf_dev = max(conf_dev, abs(cals[own].confidence(e["sigma_raw"], eps) - e["confidence"]))
         elif e["event"] == "publish":
             flush()
-            logged, replayed = e["calibration"]["energy"], cals["paper"].cal.energy
+            logged, replayed = e["calibration"]["energy"], cals[own].cal.energy
             deviation = max(deviation, abs(replayed.a - logged["a"]) / logged["a"],
                             abs(replayed.b - logged["b"]) / logged["b"])
             states[int(e["model_version"])] = copy.deepcopy(cals)
-    out = {"eps": eps, "level": level, "deviation": deviation}
+    out = {"eps": eps, "level": level, "deviation": deviation, "own": own}
+    # each audit frame as the model that served it saw it: its error and raw sigma (sent by
+    # the driver with the frame), judged with each calibration's state of that model version
+    audits = audit_labels(folder, scheme)
+    served_dev = 0.0
     for name in NAMES:
         trusted = within = 0
-        for a, c, shift in audits:
-            if c["paper" if name == "shifted" else name] >= level:
+        for a in audits:
+            state = states.get(int(a["served_version"]), states[max(states)])
+            c = state[name].confidence(float(a["served_sigma_raw"]), eps)
+            if name == own and a.get("served_confidence") is not None:
+                served_dev = max(served_dev, abs(c - float(a["served_confidence"])))
+            if c >= level:
                 trusted += 1
-                within += abs(a["error"] - (shift if name == "shifted" else 0.0)) < eps
+                within += abs(float(a["served_error"])) < eps
         out[name] = {"trusted": trusted, "within": within}
+    out["served_deviation"] = served_dev   # audit frames' confidence, replayed against the driver's
     steps = read_uncertainty(os.path.join(folder, scheme, "simulation.uncertainty_0"))
     flagged = dict.fromkeys(cals, 0)
     step_dev = 0.0
     for sigma, conf, version, _ in steps:
         state = states.get(int(version), states[max(states)])
-        raw = sigma / np.sqrt(state["paper"].cal.energy.variance_factor)
+        raw = sigma / np.sqrt(state[own].cal.energy.variance_factor)
         for name, cal in state.items():
             c = cal.confidence(raw, eps)
             flagged[name] += c < level
-            if name == "paper":
+            if name == own:
                 step_dev = max(step_dev, abs(c - conf))
     out["steps"] = len(steps)
     out["conf_deviation"] = conf_dev       # labels' confidence, replayed against logged
@@ -232,10 +246,9 @@ def replay(folder: str, scheme: str, start: Calibration) -> dict | None:
     return out
 
 
-NAMES = {"paper": "zero-mean (the runs')", "located": "located",
-         "tilted": "about the Boltzmann tilt -sigma_raw^2/kT",
-         "shifted": "zero-mean, prediction - mean error of the last labels"}
-REPLAY_TOLERANCE = 1e-6   # the zero-mean replay against the runs' logged a, b and confidences
+NAMES = {"paper": "zero-mean (the seed paper's)", "located": "located",
+         "tilted": "about the Boltzmann tilt -sigma_raw^2/kT"}
+REPLAY_TOLERANCE = 1e-6   # the replay of the run's own calibration against the runs' logged a, b and confidences
 
 
 def start_model_errors(folders, schemes, model: str, eps: float) -> None:
@@ -256,21 +269,20 @@ def start_model_errors(folders, schemes, model: str, eps: float) -> None:
     line("held-out frames of its fit set (GFN2-xTB MD at 300 K)",
          [p.energy - f.energy for p, f in zip(post.predict([f.structure for f in held]), held)])
     for scheme in schemes:
-        start, logged = [], []
+        start, served = [], []
         for folder in folders:
             db = os.path.join(folder, scheme, "frames.db")
             if not os.path.exists(db):
                 continue
             frames = FrameStore(db).labelled_frames(origin="audit")
-            with open(os.path.join(folder, scheme, "frames.jsonl")) as fh:
-                by_row = {e["row"]: e for e in map(json.loads, fh) if e["event"] == "label"}
+            by_row = {e["row"]: e for e in audit_labels(folder, scheme)}
             for f in frames:
                 if f.info["row"] in by_row:
                     start.append(post.predict([f.structure])[0].energy - f.energy)
-                    logged.append(by_row[f.info["row"]]["error"])
+                    served.append(by_row[f.info["row"]]["served_error"])
         if start:
             line(f"{scheme}'s audit frames (MD on the model), start model", start)
-            line(f"{scheme}'s audit frames, the model that met each (as logged)", logged)
+            line(f"{scheme}'s audit frames, the model that served each", served)
 
 
 def main(argv=None) -> int:
@@ -298,26 +310,26 @@ def main(argv=None) -> int:
             if r is None:
                 continue
             eps = r["eps"]
-            worst = max(worst, r["deviation"], r["conf_deviation"], r["step_deviation"])
+            worst = max(worst, r["deviation"], r["conf_deviation"], r["step_deviation"],
+                        r["served_deviation"])
             steps += r["steps"]
             parts = []
             for name in NAMES:
                 d = r[name]
                 tot[name][0] += d["within"]
                 tot[name][1] += d["trusted"]
-                tot[name][2] += d.get("flagged_steps", 0)
-                flagged = "" if name == "shifted" else \
-                    f", {d['flagged_steps'] / max(r['steps'], 1):.2f} of steps flagged"
+                tot[name][2] += d["flagged_steps"]
+                flagged = f", {d['flagged_steps'] / max(r['steps'], 1):.2f} of steps flagged"
                 parts.append(f"{name} {d['within']}/{d['trusted']} of {r['audits']}{flagged}")
-            print(f"  {scheme} {folder}: " + "; ".join(parts)
+            print(f"  {scheme} {folder} (run with {r['own']}): " + "; ".join(parts)
                   + f"  (located's final m={r['final_location'][0]:+.2f}, kappa={r['final_location'][1]:.1f})")
         for name, what in NAMES.items():
             w, t, f = tot[name]
-            cov = f"{w / t:.2f}" if t else "n/a"
-            flagged = "" if name == "shifted" else f"; {f / max(steps, 1):.2f} of {steps} MD steps flagged"
+            cov = f"{w / t:.2f} ({coverage_interval(w, t)})" if t else "n/a"
+            flagged = f"; {f / max(steps, 1):.2f} of {steps} MD steps flagged"
             print(f"{scheme} pooled, {what}: audit coverage {w}/{t} = {cov}{flagged}")
-    print(f"replay check: the zero-mean replay reproduces the runs' logged calibration a, b, the "
-          f"labels' and the steps' confidence within {worst:.1e} (tolerance {REPLAY_TOLERANCE:.0e})")
+    print(f"replay check: the replay of each run's own calibration reproduces its logged a, b and "
+          f"the confidence of its labels, its steps and its audit frames as served within {worst:.1e} (tolerance {REPLAY_TOLERANCE:.0e})")
     if worst > REPLAY_TOLERANCE:
         print("replay_calibration: the replay does not reproduce the runs' calibration; "
               "its figures are not the runs' counterfactuals", file=sys.stderr)

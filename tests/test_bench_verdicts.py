@@ -197,8 +197,10 @@ def test_pool_onthefly_pairs_seeds_and_censors(tmp_path, capsys):
     # a_paper: reached after 12, censored at 30 -> S = 1/2 after 12: median 12; c_ts: 6, 8 -> 6
     assert "TARGET 1 on the median calls (live): met: 6 vs 12" in text
     # audit coverage pooled over each scheme's runs: a_paper 9/10 + 2/3, c_ts 0/1 + none
-    assert "a_paper  the runs' audit frames (model before learning each): 11/13 = 0.85" in text
-    assert "c_ts     the runs' audit frames (model before learning each): 0/1 = 0.00" in text
+    assert "a_paper  the runs' audit frames as bench_onthefly printed it: 11/13 = 0.85" in text
+    assert "c_ts     the runs' audit frames as bench_onthefly printed it: 0/1 = 0.00" in text
+    # the serving models' coverage needs the run folders, which are not here: said, not guessed
+    assert "a_paper  none  (per run ); folders not found: /tmp/s1long, /tmp/s2" in text
     assert "c_ts     offline frames the final model trusts: 14/14 = 1.00" in text
     with pytest.raises(SystemExit, match="two a_paper runs of seed 1"):
         pool_onthefly.main(["--baseline-runs", "/tmp/s1", "/tmp/s1long", "--biased-runs", "/tmp/s1",
@@ -235,14 +237,20 @@ def test_pool_onthefly_audit_details_split_at_the_first_refined_version(tmp_path
 
     run = tmp_path / "r1"
     (run / "a_paper").mkdir(parents=True)
-    events = [{"event": "label", "origin": "audit", "error": -0.30, "confidence": 0.99,
-               "model_version": 1},
+    def audit(err, version, conf=None, served=None, **kw):
+        # served: the driver's error (the model that served it) when it is not the logged one
+        e = {"event": "label", "origin": "audit", "error": err, "model_version": version, **kw}
+        return {**e, "served_error": err if served is None else served, "served_version": version,
+                "served_confidence": conf}
+
+    events = [audit(-0.30, 1, 0.99),
               {"event": "label", "origin": "flagged", "error": -0.50, "model_version": 1},
               {"event": "publish", "model_version": 2, "gradient_steps": 0},
-              {"event": "label", "origin": "audit", "error": 0.10, "model_version": 2},
+              audit(0.10, 2),
+              # finished during the refinement: logged by the refined model, served by version 2
+              audit(0.05, 2, 0.98, served=-0.25, refined=True),
               {"event": "publish", "model_version": 3, "gradient_steps": 300},
-              {"event": "label", "origin": "audit", "error": 0.20, "confidence": 0.97,
-               "model_version": 3}]
+              audit(0.20, 3, 0.97)]
     (run / "a_paper" / "frames.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
     out = tmp_path / "bench_onthefly.out"
     out.write_text(_live_section(str(run), 1, {"a_paper": (2000, 4, 1, 3, None, 0.18),
@@ -250,10 +258,55 @@ def test_pool_onthefly_audit_details_split_at_the_first_refined_version(tmp_path
     assert pool_onthefly.main(["--baseline-runs", str(run), "--biased-runs", str(run),
                                "--out", str(out), "--audit-details"]) == 0
     text = capsys.readouterr().out
-    # epsilon 0.1735 eV: -0.30 (version 1) and +0.20 (version 3, refined) are outside
-    assert "a_paper: within epsilon 1/2 before the first refined version, 0/1 from it on" in text
+    # epsilon 0.1735 eV: -0.30 (version 1), -0.25 as served by version 2 (logged +0.05 by the
+    # refined model) and +0.20 (version 3, refined) are outside
+    assert ("a_paper: within epsilon 1/3 served before the first refined version, 0/1 from it "
+            "on; as the trainer logged them (the refined model's error for labels that finished "
+            "during a refinement) 2/4") in text
     assert "-0.300 eV at confidence 0.990 (version 1" in text
+    assert "-0.250 eV at confidence 0.980 (version 2" in text
     assert "+0.200 eV at confidence 0.970 (version 3" in text
+    assert "a_paper  1/4 = 0.25" in text            # the pooled line of the serving models
     # c_ts has no events file there: said, not guessed
-    assert "c_ts: within epsilon 0/0 before the first refined version, 0/0 from it on; " \
-           f"folders not found: {run}" in text
+    assert "c_ts: within epsilon 0/0 served before the first refined version, 0/0 from it on; " \
+           "as the trainer logged them (the refined model's error for labels that finished " \
+           f"during a refinement) 0/0; folders not found: {run}" in text
+
+
+@pytest.mark.parametrize("n", [1, 5, 30])
+def test_coverage_interval_is_clopper_pearson(n):
+    """All n within (or none): the exact interval has the closed form alpha/2 ** (1/n)."""
+    lo = 0.025 ** (1.0 / n)
+    assert pool_onthefly.coverage_interval(n, n) == f"95% interval {lo:.2f}-1.00"
+    assert pool_onthefly.coverage_interval(0, n) == f"95% interval 0.00-{1 - lo:.2f}"
+    # in between, the interval holds the observed share
+    text = pool_onthefly.coverage_interval(11, 13)
+    lo, hi = (float(x) for x in text.split()[-1].split("-"))
+    assert lo < 11 / 13 < hi
+
+
+def test_audit_labels_of_older_runs_take_the_served_prediction_from_the_frame_store(tmp_path):
+    """Runs before the trainer logged ``served_error``: the driver's prediction stored with the
+    frame gives the serving model's error (the logged one may be the refined model's)."""
+    import json
+
+    import numpy as np
+
+    from rarefly.prediction import Structure
+    from rarefly.trainer.store import FrameStore
+
+    d = tmp_path / "r" / "a_paper"
+    d.mkdir(parents=True)
+    st = FrameStore(d / "frames.db")
+    s = Structure(np.array([1, 1]), np.array([[0.0, 0.0, 0.0], [0.0, 0.0, 0.74]]), None, (False,) * 3)
+    row = st.add(s, frame_id="f1", origin="audit", model_version=4, pred_energy=-10.30,
+                 confidence=0.97, sigma_E_raw=0.04)
+    st.add_label(row, -10.0, np.zeros((2, 3)), "xtb")
+    events = [{"event": "publish", "model_version": 5, "gradient_steps": 300},
+              {"event": "label", "row": row, "origin": "audit", "model_version": 4, "refined": True,
+               "ref_energy": -10.0, "error": 0.02}]
+    (d / "frames.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    (got,) = pool_onthefly.audit_labels(str(tmp_path / "r"), "a_paper")
+    assert got["served_error"] == pytest.approx(-0.30) and got["error"] == 0.02
+    assert (got["served_version"], got["served_confidence"], got["served_sigma_raw"]) == (4, 0.97, 0.04)
+    assert got["refined"] is False               # served by version 4, before the refined 5

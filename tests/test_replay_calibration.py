@@ -5,7 +5,9 @@ and the replay of a synthetic run folder whose events the real calibration wrote
 from __future__ import annotations
 
 import json
+import os
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,13 @@ from scipy import integrate, stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-import replay_calibration as rc  # noqa: E402
+# replay_calibration imports bench_onthefly (through pool_onthefly), which sets thread counts
+# and silences warnings for its own runs on import: keep both out of the other tests
+_environ = dict(os.environ)
+with warnings.catch_warnings():
+    import replay_calibration as rc  # noqa: E402
+os.environ.clear()
+os.environ.update(_environ)
 from rarefly.calibration import Calibration  # noqa: E402
 
 
@@ -76,8 +84,12 @@ def _run_folder(tmp_path: Path, tamper: bool = False) -> Path:
               ("audit", 0.01, 0.02), ("audit", -0.05, 0.03)]
     for i, (origin, err, sr) in enumerate(labels):
         ipi.append((sr * np.sqrt(cal.energy.variance_factor), cal.energy.confidence(sr, 0.2), version))
+        conf = cal.energy.confidence(sr, 0.2)
         events.append({"event": "label", "row": i + 1, "origin": origin, "model_version": version,
-                       "error": err, "sigma_raw": sr, "confidence": cal.energy.confidence(sr, 0.2)})
+                       "error": err, "sigma_raw": sr, "confidence": conf,
+                       # served by the version that learned nothing since (no refinement here)
+                       "served_error": err, "served_version": version, "served_confidence": conf,
+                       "served_sigma_raw": sr})
         cal.forget(1, 3)
         cal.energy.update(np.array([-err]), np.array([sr]))
         version += 1
@@ -109,7 +121,7 @@ def test_replay_reproduces_the_logged_calibration_and_counts_audits(tmp_path, mo
     monkeypatch.setattr(rc, "start_calibration", lambda model: start)
     assert rc.main([str(folder), "--schemes", "a_paper"]) == 0
     out = capsys.readouterr().out
-    assert f"a_paper pooled, zero-mean (the runs'): audit coverage {within}/{r['paper']['trusted']}" in out
+    assert f"a_paper pooled, zero-mean (the seed paper's): audit coverage {within}/{r['paper']['trusted']}" in out
 
 
 def test_replay_refuses_a_log_it_does_not_reproduce(tmp_path, monkeypatch, capsys):
@@ -117,3 +129,35 @@ def test_replay_refuses_a_log_it_does_not_reproduce(tmp_path, monkeypatch, capsy
     monkeypatch.setattr(rc, "start_calibration", lambda model: start)
     assert rc.main([str(folder), "--schemes", "a_paper"]) == 1
     assert "does not reproduce" in capsys.readouterr().err
+
+
+def test_replay_of_a_tilted_run_reproduces_its_calibration(tmp_path, monkeypatch):
+    """A run made with calibration_tilt is replayed with the tilted calibration as its own."""
+    from ase.units import kB
+
+    folder = tmp_path / "run"
+    (folder / "c_ts").mkdir(parents=True)
+    (folder / "c_ts.toml").write_text('[system]\ntemperature = "300 K"\n[learning]\n'
+                                      'epsilon = "0.2 eV"\ncalibration_tilt = true\n')
+    start = Calibration.prior()
+    cal = Calibration.from_dict(start.to_dict())
+    cal.set_tilt(kB * 300)
+    events = []
+    for i, (err, sr) in enumerate([(-0.2, 0.05), (-0.1, 0.04), (0.02, 0.03)]):
+        conf = cal.energy.confidence(sr, 0.2)
+        events.append({"event": "label", "row": i + 1, "origin": "audit", "model_version": i + 1,
+                       "error": err, "sigma_raw": sr, "confidence": conf, "served_error": err,
+                       "served_version": i + 1, "served_confidence": conf, "served_sigma_raw": sr})
+        cal.energy.update(np.array([-err]), np.array([sr]))
+        events.append({"event": "publish", "model_version": i + 2, "calibration": cal.to_dict()})
+    with open(folder / "c_ts" / "frames.jsonl", "w") as fh:
+        fh.writelines(json.dumps(e) + "\n" for e in events)
+    (folder / "c_ts" / "simulation.uncertainty_0").write_text("")
+    r = rc.replay(str(folder), "c_ts", start)
+    assert r["own"] == "tilted" and r["deviation"] < 1e-12 and r["conf_deviation"] < 1e-12
+    assert r["served_deviation"] < 1e-12
+    # the zero-mean replay of the same labels is a different calibration
+    zero = Calibration.prior()
+    for e in events[::2]:
+        zero.energy.update(np.array([-e["error"]]), np.array([e["sigma_raw"]]))
+    assert abs(zero.energy.b - cal.energy.b) > 1e-3

@@ -496,7 +496,10 @@ def test_a_label_finished_during_a_refinement_is_stored_at_once_and_learned_befo
     for k, s in enumerate(frames[:2]):
         st.add_label(st.add(s, frame_id=f"f{k}", origin="flagged"),
                      *label(ref, s.numbers, s.positions), ref.describe())
-    late = st.add(frames[2], frame_id="f2", origin="flagged")
+    served = load_posterior(model).predict([frames[2]])[0]     # what the driver sent with it
+    late = st.add(frames[2], frame_id="f2", origin="flagged", model_version=1,
+                  pred_energy=served.energy, confidence=served.confidence,
+                  sigma_E_raw=served.extra["energy_sigma_raw"])
     del st
     cfg = _xtb_config(tmp_path, model, ref, backbone_steps=3, backbone_every=2)
     result = label(ref, frames[2].numbers, frames[2].positions)
@@ -530,6 +533,10 @@ def test_a_label_finished_during_a_refinement_is_stored_at_once_and_learned_befo
         assert [e["row"] for e in labels][-1] == late and labels[-1]["refined"] is True
         assert sum(e["row"] == late for e in labels) == 1
         assert all(not e.get("refined") for e in labels[:-1])
+        # its error as the refined model predicts it, and as the model that served it did
+        assert labels[-1]["served_error"] == pytest.approx(served.energy - labels[-1]["ref_energy"])
+        assert labels[-1]["served_version"] == 1
+        assert labels[-1]["served_error"] != pytest.approx(labels[-1]["error"], abs=1e-9)
         publish = [e for e in events if e["event"] == "publish"][-1]
         assert publish["learned_after_refinement"] == 1 and publish["gradient_steps"] == 3
         # its residual is in the published calibration (one residual per label since start)

@@ -8,7 +8,8 @@ Everything is read from the output directory, so the report can be written at an
   confidence, model_version, flagged), each block headed by i-PI's ``Step:`` line;
 - ``COLVAR``: PLUMED's output when the run has a bias (its physical CVs are plotted);
 - ``frames.jsonl``: the trainer's events (``label``: pred/ref energy, error, sigma,
-  confidence, within_eps, origin, model_version; ``publish``; ``holdout``; ...);
+  confidence, within_eps, origin, model_version, and the served_* keys of the model that
+  served the frame, whose audit coverage the report gives; ``publish``; ``holdout``; ...);
 - ``run.json``: what ``rarefly run`` recorded (epsilon, level, one entry per invocation).
 
 A restart appends to i-PI's files and may repeat the steps after its last checkpoint; the
@@ -196,7 +197,7 @@ class LiveStatus:
                 s["labelled"] += 1
                 if e.get("origin") == "audit":
                     s["audit"] += 1
-                    self._within += bool(e.get("within_eps"))
+                    self._within += bool(e.get("served_within_eps", e.get("within_eps")))
                     s["coverage"] = self._within / s["audit"]
             elif kind in ("start", "publish", "stop") and e.get("model_version") is not None:
                 s["version"] = int(e["model_version"])
@@ -493,8 +494,9 @@ def _markdown(data: RunData, figures: dict) -> str:
     steps = int(data.props["step"].max()) if "step" in data.props else 0
     sim_ps = float(data.props["time"].max()) if "time" in data.props else None
     audit, flagged = data.origin("audit"), data.origin("flagged")
-    cov = np.mean([bool(e["within_eps"]) for e in audit]) if audit else None
-    pred = np.mean([float(e["confidence"]) for e in audit]) if audit else None
+    # the model that served each audit frame (older event files: the trainer's prediction)
+    cov = np.mean([bool(e.get("served_within_eps", e["within_eps"])) for e in audit]) if audit else None
+    pred = np.mean([float(e.get("served_confidence") or e["confidence"]) for e in audit]) if audit else None
     v0, v1 = data.versions()
     curve = data.holdout_curve()
     n_flag = int((data.extras[:, 3] > 0.5).sum()) if data.extras.shape[1:] and \

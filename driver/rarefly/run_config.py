@@ -175,7 +175,9 @@ class LearningConfig:
     times the beads), not at zero. The confidence and the Student-t updates use that location
     (``rarefly.calibration``; default false: the seed paper's zero-mean error). Measured on
     bench_onthefly's runs: the start model was -0.007 eV off on GFN2-xTB MD frames and
-    -0.178 eV on the frames its own MD met (``benchmarks/replay_calibration.out``)."""
+    -0.178 eV on the frames its own MD met (``benchmarks/replay_calibration.out``), but with
+    the tilt it was no more often right on the frames it trusted (bench_onthefly's runs
+    65-72), so it stays off by default."""
     recalibrate_after_refinement: bool = False
     """After each backbone refinement, restart the Student-t calibration from its prior: the
     residuals so far are of the model the refinement replaced (default false: kept). Measured
