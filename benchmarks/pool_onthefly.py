@@ -13,11 +13,13 @@ RAREFLY_BENCH_DIR); nothing is recomputed. The script prints, per seed that has 
 target 1 with bench_onthefly's own rule, and over all runs the Kaplan-Meier median of the
 calls to the target for each scheme (a run that ended before reaching it is censored at its
 call count; pool_label_value.km_median) and target 1 on the two medians, then target 2's
-audit coverage pooled over each scheme's runs (on the runs' own audit frames, and on the
-offline frames each final model trusts). All runs must have the same target; one run per
-scheme and seed. ``--audit-details`` also lists the audit frames outside epsilon, read from
-the run folders' trainer events (``FOLDER/SCHEME/frames.jsonl``) where they are on this
-machine, split at the first model version that had a backbone refinement.
+audit coverage pooled over each scheme's runs, with its exact 95 % interval: as
+bench_onthefly printed it, on the offline frames each final model trusts, and, where the run
+folders are on this machine, by the model that served each audit frame (``audit_labels``:
+the printed figure of runs 1-72 is the trainer's logged error, which for a label that
+finished during a refinement is the refined model's). All runs must have the same target;
+one run per scheme and seed. ``--audit-details`` also lists the audit frames the serving
+model got outside epsilon, split at the first model version that had a backbone refinement.
 """
 
 from __future__ import annotations

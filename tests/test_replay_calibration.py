@@ -71,17 +71,21 @@ def test_located_update_is_conjugate_and_finds_the_bias():
     assert batch.m == m and batch.kappa == pytest.approx(rc.PRIOR_KAPPA, abs=1e-6)
 
 
-def _run_folder(tmp_path: Path, tamper: bool = False) -> Path:
+LABELS = [("flagged", -0.10, 0.05), ("audit", -0.30, 0.02), ("flagged", 0.05, 0.06),
+          ("audit", 0.01, 0.02), ("audit", -0.05, 0.03)]
+
+
+def _run_folder(tmp_path: Path, tamper: bool = False, scheme: str = "a_paper",
+                config: str = 'epsilon = "0.2 eV"\nlevel = 0.95\ncalibration_memory = 3\n',
+                memory: int = 3, tilt_kT: float | None = None, labels=LABELS):
     """A bench_onthefly-shaped folder whose events the real Calibration wrote."""
     folder = tmp_path / "run"
-    (folder / "a_paper").mkdir(parents=True)
-    (folder / "a_paper.toml").write_text('[learning]\nepsilon = "0.2 eV"\nlevel = 0.95\n'
-                                         'calibration_memory = 3\n')
+    (folder / scheme).mkdir(parents=True)
+    (folder / f"{scheme}.toml").write_text('[system]\ntemperature = "300 K"\n[learning]\n' + config)
     start = Calibration.prior()
     cal = Calibration.from_dict(start.to_dict())
+    cal.set_tilt(tilt_kT)
     events, version, ipi = [], 1, []
-    labels = [("flagged", -0.10, 0.05), ("audit", -0.30, 0.02), ("flagged", 0.05, 0.06),
-              ("audit", 0.01, 0.02), ("audit", -0.05, 0.03)]
     for i, (origin, err, sr) in enumerate(labels):
         ipi.append((sr * np.sqrt(cal.energy.variance_factor), cal.energy.confidence(sr, 0.2), version))
         conf = cal.energy.confidence(sr, 0.2)
@@ -90,16 +94,16 @@ def _run_folder(tmp_path: Path, tamper: bool = False) -> Path:
                        # served by the version that learned nothing since (no refinement here)
                        "served_error": err, "served_version": version, "served_confidence": conf,
                        "served_sigma_raw": sr})
-        cal.forget(1, 3)
+        cal.forget(1, memory)
         cal.energy.update(np.array([-err]), np.array([sr]))
         version += 1
         logged = cal.to_dict()
         if tamper and version == 3:
             logged["energy"]["b"] += 1.0
         events.append({"event": "publish", "model_version": version, "calibration": logged})
-    with open(folder / "a_paper" / "frames.jsonl", "w") as fh:
+    with open(folder / scheme / "frames.jsonl", "w") as fh:
         fh.writelines(json.dumps(e) + "\n" for e in events)
-    with open(folder / "a_paper" / "simulation.uncertainty_0", "w") as fh:
+    with open(folder / scheme / "simulation.uncertainty_0", "w") as fh:
         for step, (sig, conf, v) in enumerate(ipi + [(0.01 * np.sqrt(cal.energy.variance_factor),
                                                       cal.energy.confidence(0.01, 0.2), version)] * 3):
             fh.write(f" #EXTRAS(energy_uncertainty,confidence,model_version,flagged)# Step: {step}\n")
@@ -131,33 +135,20 @@ def test_replay_refuses_a_log_it_does_not_reproduce(tmp_path, monkeypatch, capsy
     assert "does not reproduce" in capsys.readouterr().err
 
 
-def test_replay_of_a_tilted_run_reproduces_its_calibration(tmp_path, monkeypatch):
+def test_replay_of_a_tilted_run_reproduces_its_calibration(tmp_path):
     """A run made with calibration_tilt is replayed with the tilted calibration as its own."""
     from ase.units import kB
 
-    folder = tmp_path / "run"
-    (folder / "c_ts").mkdir(parents=True)
-    (folder / "c_ts.toml").write_text('[system]\ntemperature = "300 K"\n[learning]\n'
-                                      'epsilon = "0.2 eV"\ncalibration_tilt = true\n')
-    start = Calibration.prior()
-    cal = Calibration.from_dict(start.to_dict())
-    cal.set_tilt(kB * 300)
-    events = []
-    for i, (err, sr) in enumerate([(-0.2, 0.05), (-0.1, 0.04), (0.02, 0.03)]):
-        conf = cal.energy.confidence(sr, 0.2)
-        events.append({"event": "label", "row": i + 1, "origin": "audit", "model_version": i + 1,
-                       "error": err, "sigma_raw": sr, "confidence": conf, "served_error": err,
-                       "served_version": i + 1, "served_confidence": conf, "served_sigma_raw": sr})
-        cal.energy.update(np.array([-err]), np.array([sr]))
-        events.append({"event": "publish", "model_version": i + 2, "calibration": cal.to_dict()})
-    with open(folder / "c_ts" / "frames.jsonl", "w") as fh:
-        fh.writelines(json.dumps(e) + "\n" for e in events)
-    (folder / "c_ts" / "simulation.uncertainty_0").write_text("")
+    labels = [("audit", -0.2, 0.05), ("audit", -0.1, 0.04), ("audit", 0.02, 0.03)]
+    folder, start = _run_folder(tmp_path, scheme="c_ts", memory=0, tilt_kT=kB * 300, labels=labels,
+                                config='epsilon = "0.2 eV"\ncalibration_tilt = true\n')
     r = rc.replay(str(folder), "c_ts", start)
     assert r["own"] == "tilted" and r["deviation"] < 1e-12 and r["conf_deviation"] < 1e-12
-    assert r["served_deviation"] < 1e-12
+    assert r["served_deviation"] < 1e-12 and r["step_deviation"] < 1e-9
     # the zero-mean replay of the same labels is a different calibration
-    zero = Calibration.prior()
-    for e in events[::2]:
-        zero.energy.update(np.array([-e["error"]]), np.array([e["sigma_raw"]]))
-    assert abs(zero.energy.b - cal.energy.b) > 1e-3
+    zero, tilted = Calibration.prior(), Calibration.prior()
+    tilted.set_tilt(kB * 300)
+    for _, err, sr in labels:
+        zero.energy.update(np.array([-err]), np.array([sr]))
+        tilted.energy.update(np.array([-err]), np.array([sr]))
+    assert abs(zero.energy.b - tilted.energy.b) > 1e-3

@@ -37,11 +37,12 @@ sigma_E): residuals are standardized about the tilt before they update the scale
     confidence = T_nu((epsilon - t) / c) - T_nu((-epsilon - t) / c),
     t = -sigma^2 / kT,  c = sigma sqrt(b / a).
 
-Measured first (``benchmarks/replay_calibration.py``): the start model of bench_onthefly was
+Measured (``benchmarks/replay_calibration.out``): the start model of bench_onthefly was
 -0.007 eV off on average on frames a GFN2-xTB MD sampled and -0.178 eV on the audit frames
 its own MD met; with the tilt, the running models trusted fewer frames but were no more
-often right on them (runs 65-72, the third section). With path-integral beads each bead's energy enters the weight as
-exp(-E/(P kT)), so kT is k_B T times the number of beads. The reported sigma stays
+often right on them (bench_onthefly's runs 65-72), so it is off by default. With
+path-integral beads each bead's energy enters the weight as exp(-E/(P kT)), so kT is k_B T
+times the number of beads. The reported sigma stays
 sigma sqrt(b / (a - 1)); the tilt enters the confidence and the calibration only.
 """
 
