@@ -659,3 +659,28 @@ def test_sigusr1_finishes_labels_in_flight_and_the_refinement_due(tmp_path, mode
     v = load_model_file(model)
     assert v["model_version"] == last["model_version"]
     assert v["provenance"]["trainer_labels"] == 2 and v["provenance"]["backbone_refined"]
+
+
+def test_a_finishing_trainer_stores_the_frames_still_in_the_pipe(tmp_path, model_file):
+    """When the run ends (SIGUSR1 from `rarefly run`), the frames the drivers sent but the
+    trainer had not yet received are stored as queued, for a restart, not lost with the
+    socket: one receive takes at most 64 of them (real zmq, real database)."""
+    from rarefly.trainer.loop import RECEIVE_BATCH, Trainer
+    from rarefly.trainer.reference import ReferenceSpec
+    from rarefly.trainer.store import FrameStore
+
+    model = tmp_path / "model.rfly"
+    model.write_bytes(Path(model_file).read_bytes())
+    cfg = _xtb_config(tmp_path, model, ReferenceSpec("xtb"))
+    tr = Trainer(cfg)
+    n = 3 * RECEIVE_BATCH + 7
+    sock = _push(cfg.endpoint, _frames(1) * n)
+    try:
+        time.sleep(1.0)                       # in the pipe, not yet received
+        tr.finish()
+        assert tr.run(max_seconds=60) == 0
+    finally:
+        sock.close()
+    assert FrameStore(tmp_path / "frames.db").count(state="queued") == n
+    finished = [e for e in _events(tmp_path / "frames.jsonl") if e["event"] == "finished"]
+    assert finished and finished[-1]["queued"] == n

@@ -39,6 +39,10 @@ RECEIVE_SECONDS = 0.5
 RESCORE_BATCH = 16
 #: at most this long storing the frames still queued when the trainer is stopped
 STOP_DRAIN_SECONDS = 3.0
+#: at the end of a run (finished or budget spent): the most seconds spent storing the frames
+#: still in the zmq pipe (1-2 ms a frame); bench_onthefly's 6000-step runs 61-64 left the
+#: frames of their last 1800-2850 MD steps there
+FINISH_DRAIN_SECONDS = 30.0
 
 
 def _number(v) -> float | None:
@@ -638,9 +642,11 @@ class Trainer:
                            and not self._stored_unlearned and not self._refinement_owed())
                 if self.cfg.max_labels is not None and self.labels_done() >= self.cfg.max_labels \
                         and settled:
+                    self._drain(FINISH_DRAIN_SECONDS)
                     self._event("budget", labels=self.labels_done())
                     break
                 if self._finishing and settled:
+                    self._drain(FINISH_DRAIN_SECONDS)
                     self._event("finished", labels=self.labels_done(),
                                 queued=self.store.count(state="queued"))
                     break
@@ -668,12 +674,19 @@ class Trainer:
         publish them, so a clean stop loses nothing; at most ``seconds`` of receiving. A
         refinement that falls due now waits for the next start (see :meth:`maybe_update`)."""
         self._stop = True
-        t_end = time.monotonic() + seconds
-        while time.monotonic() < t_end and self.receive(
-                timeout_ms=0, max_seconds=max(0.0, t_end - time.monotonic())):
-            pass
+        self._drain(seconds)
         self.collect()
         self.maybe_update()
+
+    def _drain(self, seconds: float) -> None:
+        """Store the frames still queued in zmq, for at most ``seconds``: a run that ends
+        keeps the drivers' last frames queued in its database for a restart, instead of
+        losing them with the socket (the receive budget during refinements lets the pipe
+        fill: ``FINISH_DRAIN_SECONDS``)."""
+        t_end = time.monotonic() + seconds
+        while time.monotonic() < t_end and self.receive(
+                timeout_ms=50, max_seconds=max(0.0, t_end - time.monotonic())):
+            pass
 
     def close(self) -> None:
         self._event("stop", labels=self.labels_done(), model_version=self.posterior.model_version)
