@@ -41,7 +41,7 @@ RESCORE_BATCH = 16
 STOP_DRAIN_SECONDS = 3.0
 #: at the end of a run (finished or budget spent): the most seconds spent storing the frames
 #: still in the zmq pipe (1-2 ms a frame); bench_onthefly's 6000-step runs 61-64 left the
-#: frames of their last 1800-2850 MD steps there
+#: frames of their last 1764-2850 MD steps there
 FINISH_DRAIN_SECONDS = 30.0
 
 
