@@ -154,8 +154,11 @@ def run_epsilon(folder: str, scheme: str, section: str) -> float | None:
     if config.exists():
         import tomllib
 
+        from rarefly.run_config import quantity
+        from rarefly.units import ENERGY_UNITS
+
         text = tomllib.loads(config.read_text())["learning"]["epsilon"]
-        return float(str(text).split()[0])
+        return quantity(text, ENERGY_UNITS, "eV", f"{config} [learning] epsilon")
     m = EPS_RE.search(section)
     return float(m.group(1)) / 1000.0 if m else None
 
@@ -178,12 +181,12 @@ def served_coverage(rows, scheme: str, secs: dict[str, str]):
     return ok, n, per, missing, labels
 
 
-def audit_details(rows_by_scheme, secs: dict[str, str]) -> None:
-    """Where the runs' audit frames fell outside epsilon (from the run folders, if present)."""
+def audit_details(served: dict[str, tuple]) -> None:
+    """Where the runs' audit frames fell outside epsilon (``served``: scheme ->
+    :func:`served_coverage`'s answer, from the run folders where they are here)."""
     print("\naudit frames outside epsilon for the model that served them, from the run folders "
           "(error = predicted - reference energy)")
-    for k, rows in rows_by_scheme:
-        _, _, _, missing, labels = served_coverage(rows, k, secs)
+    for k, (_, _, _, missing, labels) in served.items():
         pre, post, logged, misses = [0, 0], [0, 0], 0, []
         for e, eps, folder in labels:
             ok = abs(float(e["served_error"])) < eps
@@ -274,13 +277,13 @@ def main(argv=None) -> int:
             print(f"  {k:8s} {what}: " + (f"{ok}/{n} = {ok / n:.2f} ({coverage_interval(ok, n)})"
                                           if n else "none") + f"  (per run {per})")
     print("  the model that served each audit frame (and trusted it), from the run folders:")
-    for k, rows in ((a, base), (b, bias)):
-        ok, n, per, missing, _ = served_coverage(rows, k, secs)
+    served = {k: served_coverage(rows, k, secs) for k, rows in ((a, base), (b, bias))}
+    for k, (ok, n, per, missing, _) in served.items():
         print(f"  {k:8s} " + (f"{ok}/{n} = {ok / n:.2f} ({coverage_interval(ok, n)})" if n else "none")
               + f"  (per run {' '.join(per)})"
               + (f"; folders not found: {', '.join(missing)}" if missing else ""))
     if args.audit_details:
-        audit_details(((a, base), (b, bias)), secs)
+        audit_details(served)
     return 0
 
 

@@ -53,9 +53,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
-import re
 import sys
 import tomllib
 
@@ -65,7 +63,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "driver"))
 
 from pool_onthefly import audit_labels, coverage_interval  # noqa: E402
-from rarefly.calibration import PRIOR_A, PRIOR_B, Calibration  # noqa: E402
+from rarefly.calibration import PRIOR_A, PRIOR_B, Calibration, keep_fraction  # noqa: E402
+from rarefly.report import read_events, read_step_extras  # noqa: E402
+from rarefly.run_config import TEMPERATURE_UNITS, quantity  # noqa: E402
+from rarefly.units import ENERGY_UNITS  # noqa: E402
 
 DEFAULT_MODEL = os.path.join(HERE, "data", "ala2_c7eq_thermal_ft2000_misfit.rfly")
 HELD_OUT = os.path.join(HERE, "data", "ala2_c7eq_thermal_xtb.xyz")   # the last 35: not fitted
@@ -82,7 +83,7 @@ class LocatedScale:
 
     def forget(self, labels: int, memory: int) -> None:
         if memory:
-            keep = max((1.0 - 1.0 / max(int(memory), 1)) ** max(int(labels), 0), 1e-12)
+            keep = keep_fraction(labels, memory)
             self.a = PRIOR_A + keep * (self.a - PRIOR_A)
             self.b = PRIOR_B + keep * (self.b - PRIOR_B)
             self.kappa = PRIOR_KAPPA + keep * (self.kappa - PRIOR_KAPPA)
@@ -114,20 +115,6 @@ def start_calibration(model: str) -> Calibration:
     return Calibration.from_dict(load_model_file(model)["calibration"])
 
 
-def read_uncertainty(path: str) -> np.ndarray:
-    """Rows (sigma_E, confidence, model_version, flagged) of i-PI's extras file, one per step."""
-    rows, want = [], False
-    with open(path) as fh:
-        for line in fh:
-            if line.lstrip().startswith("#"):
-                want = True
-                continue
-            if want:
-                rows.append([float(x) for x in line.split()[:4]])
-                want = False
-    return np.array(rows)
-
-
 class ZeroMean:
     """The runs' own calibration (``rarefly.calibration``), behind the replay's interface."""
 
@@ -153,13 +140,6 @@ class Tilted(ZeroMean):
         self.cal.set_tilt(kT)
 
 
-def _quantity(text, unit: str) -> float:
-    m = re.match(r"\s*([0-9.eE+-]+)\s*(\S*)", str(text))
-    if m.group(2) not in ("", unit):
-        raise SystemExit(f"replay_calibration: expected {unit}, got {text!r}")
-    return float(m.group(1))
-
-
 def replay(folder: str, scheme: str, start: Calibration) -> dict | None:
     events_path = os.path.join(folder, scheme, "frames.jsonl")
     if not os.path.exists(events_path):
@@ -167,11 +147,13 @@ def replay(folder: str, scheme: str, start: Calibration) -> dict | None:
     with open(os.path.join(folder, f"{scheme}.toml"), "rb") as fh:
         config = tomllib.load(fh)
     learning = config["learning"]
-    eps = _quantity(learning["epsilon"], "eV")
+    where = os.path.join(folder, f"{scheme}.toml")
+    eps = quantity(learning["epsilon"], ENERGY_UNITS, "eV", f"{where} [learning] epsilon")
     from ase.units import kB           # as rarefly run writes the tilt
 
     system = config.get("system", {})
-    kT = kB * _quantity(system.get("temperature", "300 K"), "K") * int(system.get("beads", 1))
+    kT = kB * quantity(system.get("temperature", "300 K"), TEMPERATURE_UNITS, "K",
+                       f"{where} [system] temperature") * int(system.get("beads", 1))
     level = float(learning.get("level", 0.95))
     memory = int(learning.get("calibration_memory", 0))
     if learning.get("recalibrate_after_refinement"):
@@ -191,9 +173,7 @@ def replay(folder: str, scheme: str, start: Calibration) -> dict | None:
                            np.array([p["sigma_raw"] for p in pending]))
         pending.clear()
 
-    with open(events_path) as fh:
-        events = [json.loads(line) for line in fh]
-    for e in events:
+    for e in read_events(events_path):
         if e["event"] == "label":
             if e.get("refined") and pending and not pending[-1].get("refined"):
                 flush()     # the labels before a refinement update the calibration first;
@@ -225,7 +205,7 @@ def replay(folder: str, scheme: str, start: Calibration) -> dict | None:
                 within += abs(float(a["served_error"])) < eps
         out[name] = {"trusted": trusted, "within": within}
     out["served_deviation"] = served_dev   # audit frames' confidence, replayed against the driver's
-    steps = read_uncertainty(os.path.join(folder, scheme, "simulation.uncertainty_0"))
+    _, steps = read_step_extras(os.path.join(folder, scheme, "simulation.uncertainty_0"))
     flagged = dict.fromkeys(cals, 0)
     step_dev = 0.0
     for sigma, conf, version, _ in steps:

@@ -140,6 +140,12 @@ def tilted_confidence(epsilon: float, sigma, a: float, b: float, kT: float):
     return float(p) if np.ndim(p) == 0 else p
 
 
+def keep_fraction(labels: int, memory: int) -> float:
+    """The share of the evidence beyond the prior kept before ``labels`` new labels, so that
+    about the last ``memory`` labels count: (1 - 1/memory) ** labels."""
+    return max((1.0 - 1.0 / max(int(memory), 1)) ** max(int(labels), 0), 1e-12)
+
+
 @dataclass
 class Calibration:
     """Calibration state stored in a model file: one scale for energies, one for forces."""
@@ -158,8 +164,7 @@ class Calibration:
         """Before the residuals of ``labels`` new labels: discount both scales so that about
         the last ``memory`` labels count (``memory`` None or 0: remember everything)."""
         if memory:
-            keep = (1.0 - 1.0 / max(int(memory), 1)) ** max(int(labels), 0)
-            keep = max(keep, 1e-12)
+            keep = keep_fraction(labels, memory)
             self.energy.discount(keep)
             self.forces.discount(keep)
 

@@ -199,6 +199,7 @@ def prepare_model(cfg: RunConfig, files: Files, fresh: bool) -> None:
             build_model(files.model, cfg.model.kind, cfg.model.foundation, progress=True)
     from ase.units import kB
 
+    from rarefly.calibration import Calibration
     from rarefly.model_file import load_model_file, save_model_file
 
     payload = load_model_file(files.model)
@@ -208,11 +209,10 @@ def prepare_model(cfg: RunConfig, files: Files, fresh: bool) -> None:
         changed = True
     # the Boltzmann tilt of the calibration: k_B T per bead's weight (T times the beads)
     tilt = kB * cfg.system.temperature * cfg.system.beads if cfg.learning.calibration_tilt else None
-    energy_cal = payload["calibration"]["energy"]
-    if energy_cal.get("tilt_kT") != tilt:
-        payload["calibration"] = dict(payload["calibration"], energy=dict(energy_cal, tilt_kT=tilt))
-        if tilt is None:
-            del payload["calibration"]["energy"]["tilt_kT"]
+    cal = Calibration.from_dict(payload["calibration"])
+    cal.set_tilt(tilt)
+    if cal.to_dict() != payload["calibration"]:
+        payload["calibration"] = cal.to_dict()
         changed = True
     if changed:
         save_model_file(files.model, payload)
