@@ -58,6 +58,7 @@ def main() -> int:
 
     import zmq
 
+    from rarefly.trainer.inbox import FrameInbox
     from rarefly.trainer.loop import Trainer
     from rarefly.trainer.messages import FrameMessage, decode, encode
     from rarefly.trainer.selection import Deduplicator, RateCap
@@ -90,7 +91,7 @@ def main() -> int:
                                                    "sigma_E_raw", "confidence", "pred_energy")})
             else:
                 tr = Trainer.__new__(Trainer)            # what receive() uses: socket and store
-                tr.sock, tr.store = pull, store
+                tr.inbox, tr.store = FrameInbox(pull), store
                 tr.dedup, tr.rate_cap = Deduplicator(0.02), RateCap(0)
                 got = 0
                 while got < len(msgs):
@@ -99,7 +100,10 @@ def main() -> int:
             assert store.count(state="queued") == args.existing + len(msgs), name
             out[name] = dt / len(msgs)
             push.close()
-            pull.close()
+            if name == "baseline":
+                pull.close()
+            else:
+                tr.inbox.close()                         # its thread closes the socket
     print(f"bench_frame_intake: {args.frames} alanine-dipeptide frames into a database of "
           f"{args.existing} rows; {os.cpu_count()} CPUs")
     print(f"baseline (one commit per frame): {out['baseline'] * 1e3:7.2f} ms a frame")

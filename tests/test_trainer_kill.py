@@ -601,7 +601,7 @@ def test_labels_finished_during_a_refinement_get_their_own_refinement_without_a_
             state="labelled")]
         assert len(used) == 3 and None not in used   # every label is in a published model
     finally:
-        if tr.sock is not None and not tr.sock.closed:
+        if not tr.inbox.closed:
             tr.close()
 
 

@@ -143,6 +143,7 @@ def test_frame_store_states_labels_and_recovery(tmp_path):
     b = st.add(_water((0.1, 0, 0)), frame_id="w0-2", origin="audit", step=2)
     c = st.add(_water((0.2, 0, 0)), frame_id="w0-3", origin="flagged", step=3)
     assert st.add(_water(), frame_id="w0-1", origin="flagged") is None          # duplicate id
+    assert FrameStore(path).add(_water(), frame_id="w0-3", origin="flagged") is None  # reopened
     assert st.count() == 3 and st.count(state="queued") == 3
     row = st.db.get(id=a)
     assert row.sigma_E == 0.3 and row.walker == "w0" and "confidence" not in row
@@ -478,6 +479,7 @@ def test_trainer_keeps_reference_workers_busy_during_a_refinement(tmp_path):
     from concurrent.futures import Future
     from types import SimpleNamespace
 
+    from rarefly.trainer.inbox import FrameInbox
     from rarefly.trainer.loop import Trainer
     from rarefly.trainer.selection import Deduplicator, RateCap, SelectionPolicy
     from rarefly.trainer.store import FrameStore
@@ -489,9 +491,10 @@ def test_trainer_keeps_reference_workers_busy_during_a_refinement(tmp_path):
                             backbone_every=10, calls_while_refining=None)
     t.store, t.dedup, t.rate_cap = FrameStore(tmp_path / "frames.db"), Deduplicator(0.0), RateCap(0)
     t.posterior = SimpleNamespace(offset_energy=lambda numbers, energy: energy)
-    t.sock = _pull(endpoint)
+    t.inbox = FrameInbox(_pull(endpoint))
     t._stop, t._t_end, t._finishing = False, None, False   # not stopping: the refinement goes on
     t._refining, t._stored_unlearned, t._calls_this_refinement = True, [], 0
+    t._last_between = None
     done = Future()
     done.set_result((-1.0, np.zeros((3, 3))))
     first = t.store.add(_water(), frame_id="first", origin="flagged")
@@ -526,7 +529,7 @@ def test_trainer_keeps_reference_workers_busy_during_a_refinement(tmp_path):
         assert t._keep_labelling() is True
     finally:
         push.close()
-        t.sock.close()
+        t.inbox.close()
 
 
 # ------------------------------------------------------------------ flag policy
@@ -810,13 +813,14 @@ def test_guarantee_mode_reference_calls_stop_at_the_budget(tmp_path, caplog):
 def test_trainer_receive_takes_a_bounded_batch_and_stores_each_frame(tmp_path):
     import zmq
 
+    from rarefly.trainer.inbox import FrameInbox
     from rarefly.trainer.loop import Trainer
     from rarefly.trainer.selection import Deduplicator, RateCap
     from rarefly.trainer.store import FrameStore
 
     endpoint = f"ipc://{tmp_path}/learn"
     trainer = Trainer.__new__(Trainer)           # only what receive() uses: socket and store
-    trainer.sock = _pull(endpoint)
+    trainer.inbox = FrameInbox(_pull(endpoint))
     trainer.store = FrameStore(tmp_path / "frames.db")
     trainer.dedup = Deduplicator(0.02)
     trainer.rate_cap = RateCap(0)
@@ -849,7 +853,7 @@ def test_trainer_receive_takes_a_bounded_batch_and_stores_each_frame(tmp_path):
         assert trainer.store.count() == 130
     finally:
         push.close()
-        trainer.sock.close()
+        trainer.inbox.close()
 
 
 # ------------------------------------------------------------------ reference registry

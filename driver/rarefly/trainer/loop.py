@@ -24,6 +24,7 @@ import numpy as np
 from rarefly.flagging import FlagPolicy
 from rarefly.posterior import load_posterior
 from rarefly.posterior.base import LabelledFrame, update_calibration
+from rarefly.trainer.inbox import FrameInbox
 from rarefly.trainer.labelling import ExecutorSpec, Labeller
 from rarefly.trainer.messages import MessageError, decode
 from rarefly.trainer.reference import DEFAULT_MAX_LABEL_FORCE, ReferenceSpec, label_problem
@@ -35,6 +36,13 @@ log = logging.getLogger("rarefly.trainer")
 #: at most this many messages, or this many seconds, per receive() (see there)
 RECEIVE_BATCH = 64
 RECEIVE_SECONDS = 0.5
+#: between two refinement steps: this fraction of the step's time (at least
+#: ``REFINE_RECEIVE_MIN_SECONDS``) goes to storing the frames that arrived; a frame costs about
+#: 1 ms, an Adam step of alanine dipeptide 0.3-0.5 s on 2 cores (a fixed 5 ms stored 1-4 frames
+#: a second against the driver's 10-20, see :mod:`rarefly.trainer.inbox`)
+REFINE_RECEIVE_FRACTION = 0.05
+REFINE_RECEIVE_MIN_SECONDS = 0.005
+REFINE_RECEIVE_MAX_SECONDS = 0.25
 #: at most this many stale flagged frames asked again per select_and_submit()
 RESCORE_BATCH = 16
 #: at most this long storing the frames still queued when the trainer is stopped
@@ -90,8 +98,6 @@ class TrainerConfig:
 
 class Trainer:
     def __init__(self, cfg: TrainerConfig):
-        import zmq
-
         self.cfg = cfg
         self.store = FrameStore(cfg.database)
         recovered = self.store.recover()
@@ -124,12 +130,20 @@ class Trainer:
         self._new_since_update = 0
         self._in_flight: dict[int, object] = {}
         self._holdout = self._read_frames(cfg.holdout)
-        self.ctx = zmq.Context.instance()
-        self.sock = self.ctx.socket(zmq.PULL)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.bind(cfg.endpoint)
+        import zmq
+
+        sock = zmq.Context.instance().socket(zmq.PULL)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.bind(cfg.endpoint)                  # a taken endpoint fails here, before Parsl
         run_dir = Path(cfg.database).parent / "parsl"
-        self.labeller = Labeller(cfg.reference, cfg.executor, str(run_dir))
+        try:
+            self.labeller = Labeller(cfg.reference, cfg.executor, str(run_dir))
+        except BaseException:
+            sock.close()
+            raise
+        # read by a thread of its own from now on (started after Parsl's processes)
+        self.inbox = FrameInbox(sock)
+        self._last_between: float | None = None  # when _keep_labelling last ran
         self._stop = False
         #: SIGUSR1 (`rarefly run` when i-PI has done its steps): no new reference calls; the
         #: labels in flight are collected, the update due (a refinement too) is published, exit
@@ -174,21 +188,18 @@ class Trainer:
                 max_seconds: float = RECEIVE_SECONDS) -> int:
         """Store the frames that arrived (waiting up to ``timeout_ms`` for the first).
 
-        At most ``max_messages`` messages or ``max_seconds`` per call: drivers that flag
+        The inbox's thread has already taken them off the zmq socket (:mod:`.inbox`); this
+        stores at most ``max_messages`` of them or for ``max_seconds``: drivers that flag
         faster than frames are stored cannot keep the loop here, away from submitting,
         collecting (a finished label waits in memory until collected) and publishing, or
-        from a SIGTERM. What is left stays queued in zmq for the next call. The frames taken
-        are committed to the database in one transaction before this returns (1-2 ms a frame;
-        one commit per frame cost 5-18 ms, ``benchmarks/bench_frame_intake.out``, and with
-        5 ms of receiving per Adam step during a refinement the biased scheme of
-        bench_onthefly's forty-first run was labelling frames over 1000 MD steps old); a
-        frame labelled by the driver (guarantee mode) is stored with its label after that.
+        from a SIGTERM. What is left waits in the inbox for the next call. The frames taken
+        are committed to the database in one transaction before this returns (about 1 ms a
+        frame; one commit per frame cost 5-18 ms, ``benchmarks/bench_frame_intake.out``);
+        a frame labelled by the driver (guarantee mode) is stored with its label after that.
         Returns the frames stored.
         """
-        import zmq
-
         n = 0
-        if not self.sock.poll(timeout_ms):
+        if not self.inbox.wait(timeout_ms / 1000.0):
             return 0
         t_end = time.monotonic() + max_seconds
         labelled = []
@@ -196,9 +207,8 @@ class Trainer:
             for _ in range(max_messages):
                 if time.monotonic() >= t_end:
                     break
-                try:
-                    frames = self.sock.recv_multipart(flags=zmq.NOBLOCK)
-                except zmq.Again:
+                frames = self.inbox.take()
+                if frames is None:
                     break
                 try:
                     msg = decode(frames)
@@ -494,6 +504,7 @@ class Trainer:
             before = {k: v.detach().clone() for k, v in post.backbone.model.state_dict().items()}
             readout = post.mean.detach().clone()     # the readout the backbone is refined with
             self._refining, self._calls_this_refinement = True, 0
+            self._last_between = None
             try:
                 ft = post.refine_backbone(frames, self.cfg.backbone_steps, lr=self.cfg.backbone_lr,
                                           anchor=self._anchor, replay=self._replay,
@@ -603,7 +614,11 @@ class Trainer:
         asked to stop."""
         if self._stop or (self._t_end is not None and time.time() >= self._t_end):
             return True
-        self.receive(timeout_ms=0, max_seconds=0.005)
+        now = time.monotonic()
+        step = 0.0 if self._last_between is None else now - self._last_between
+        self.receive(timeout_ms=0, max_seconds=min(REFINE_RECEIVE_MAX_SECONDS, max(
+            REFINE_RECEIVE_MIN_SECONDS, REFINE_RECEIVE_FRACTION * step)))
+        self._last_between = time.monotonic()
         self.collect()
         self.select_and_submit()
         return False
@@ -693,4 +708,4 @@ class Trainer:
         try:
             self.labeller.close()
         finally:
-            self.sock.close()
+            self.inbox.close()
