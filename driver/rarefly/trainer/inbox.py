@@ -1,19 +1,22 @@
 """The trainer's inbox: its zmq PULL socket, emptied by a thread of its own.
 
-The drivers push every flagged (and audit) frame to the trainer's endpoint, without waiting
+The drivers push every flagged (and audit) frame to the trainer's endpoint without waiting
 (a full queue drops the frame, with the driver's "trainer queue full" warning). The trainer's
-main loop spends minutes inside a backbone refinement, and read its socket for 5 ms between
-two Adam steps. That was too little: in bench_onthefly's 6000-step runs 61-64 (paper scheme,
-60 % of the steps flagged) the trainer stored frames at 1-4 a second during refinements
-against the driver's 10-20, the zmq queues filled, the driver dropped 767-1590 frames, and
-each run ended with the trainer's database holding only the first 2504 frames sent (MD steps
-up to 3150-4236 of 6000); the frames served by refined models never reached it. Replaying
-run 63's frames at 20 a second into a real trainer (``tests/test_trainer_inbox.py`` holds the
-small version) showed the same: 1.5 frames stored a second during a refinement.
+main loop spends minutes inside a backbone refinement, and used to read its socket for 5 ms
+between two Adam steps only. That was too little: in bench_onthefly's 6000-step runs 61-64
+(paper scheme, 60 % of the MD steps flagged) the trainer stored 1-4 frames a second during
+refinements against the driver's 10-20; the drivers of runs 62-64 dropped 767-1590 frames,
+and each trainer ended with the first 2504 frames sent (MD steps up to 3150-4236 of 6000):
+no frame served by a refined model reached it. Run 63's 2504 frames replayed twice at 20 a
+second into a real ``rarefly trainer`` with that run's options: 1.5 frames a second stored
+during its refinement, 1508 of 5008 dropped; with this inbox, none dropped, at most about
+340 frames waiting here at a time (while the loop designed every label after a refinement),
+and all 5008 stored by the time it was stopped.
+``benchmarks/bench_intake_during_refinement.py`` measures the same against a busy loop.
 
 Here a thread takes every message off the socket as it arrives and keeps it in memory, in
 order, until the main loop stores it in the database (:meth:`Trainer.receive`). zmq's queues
-then never fill while the trainer works; memory is bounded by ``max_bytes`` (beyond it the
+then do not fill while the trainer works; memory is bounded by ``max_bytes`` (beyond it the
 thread stops reading, and zmq's own limits apply again). A message held here is lost on a
 SIGKILL exactly as one held in zmq's queue was; a clean stop stores them (``_drain``).
 Messages are raw zmq frames: decoding and checking stay with the trainer (nothing here

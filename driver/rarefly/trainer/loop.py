@@ -48,9 +48,15 @@ RESCORE_BATCH = 16
 #: at most this long storing the frames still queued when the trainer is stopped
 STOP_DRAIN_SECONDS = 3.0
 #: at the end of a run (finished or budget spent): the most seconds spent storing the frames
-#: still in the zmq pipe (1-2 ms a frame); bench_onthefly's 6000-step runs 61-64 left the
-#: frames of their last 1764-2850 MD steps there
+#: received but not yet stored (about 1 ms a frame); before, bench_onthefly's 6000-step runs
+#: 61-64 ended with up to a thousand frames in zmq's queues, lost with the socket
 FINISH_DRAIN_SECONDS = 30.0
+
+
+def refinement_receive_seconds(step_seconds: float) -> float:
+    """How long to store arriving frames after a refinement step that took ``step_seconds``."""
+    return min(REFINE_RECEIVE_MAX_SECONDS,
+               max(REFINE_RECEIVE_MIN_SECONDS, REFINE_RECEIVE_FRACTION * step_seconds))
 
 
 def _number(v) -> float | None:
@@ -616,8 +622,7 @@ class Trainer:
             return True
         now = time.monotonic()
         step = 0.0 if self._last_between is None else now - self._last_between
-        self.receive(timeout_ms=0, max_seconds=min(REFINE_RECEIVE_MAX_SECONDS, max(
-            REFINE_RECEIVE_MIN_SECONDS, REFINE_RECEIVE_FRACTION * step)))
+        self.receive(timeout_ms=0, max_seconds=refinement_receive_seconds(step))
         self._last_between = time.monotonic()
         self.collect()
         self.select_and_submit()
@@ -694,10 +699,9 @@ class Trainer:
         self.maybe_update()
 
     def _drain(self, seconds: float) -> None:
-        """Store the frames still queued in zmq, for at most ``seconds``: a run that ends
-        keeps the drivers' last frames queued in its database for a restart, instead of
-        losing them with the socket (the receive budget during refinements lets the pipe
-        fill: ``FINISH_DRAIN_SECONDS``)."""
+        """Store the frames received but not yet stored (in the inbox, or still on their way
+        through zmq), for at most ``seconds``: a run that ends keeps the drivers' last frames
+        queued in its database for a restart instead of losing them with the socket."""
         t_end = time.monotonic() + seconds
         while time.monotonic() < t_end and self.receive(
                 timeout_ms=50, max_seconds=max(0.0, t_end - time.monotonic())):
