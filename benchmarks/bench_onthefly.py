@@ -263,7 +263,7 @@ def plumed_bias(name: str, width: float, temperature: float, mean: float = 0.0,
 
 
 def write_config(name: str, args, epsilon: float, level: float, audit: float,
-                 plumed: Path | None) -> Path:
+                 plumed: Path | None, audit_share: float) -> Path:
     d = WORK / name
     cfg = d.parent / f"{name}.toml"
     bias = f'[bias]\nplumed_file = "{plumed}"\n\n' if plumed else ""
@@ -286,6 +286,7 @@ kind = "lastlayer"
 epsilon = "{epsilon:.8g} eV"
 level = {level!r}
 audit_fraction = {audit!r}
+audit_share = {audit_share!r}
 mode = "async"
 update_every = 1
 backbone_steps = {args.backbone_steps}
@@ -500,6 +501,8 @@ def analyse(name: str, wall: float | None, target: float, epsilon: float, n_audi
 
 def main() -> int:
     global MODEL
+    from rarefly.trainer.selection import SelectionPolicy
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--budget", type=int, default=30)
@@ -511,6 +514,11 @@ def main() -> int:
                     help="random audit share of unflagged steps in a and c (default 0.015: about 30 "
                          "frames in 2000 steps; with 0.003 a_paper's over-confident start model "
                          "made 4 calls in 2000 steps, see the eighteenth run)")
+    ap.add_argument("--audit-share", type=float, default=SelectionPolicy.audit_share,
+                    help="at most this fraction of a and c's reference calls go to audit frames "
+                         "([learning] audit_share; default %(default)s; b_periodic's calls are all "
+                         "audits, so it has 1). Unbounded, the seventy-third run's paper scheme "
+                         "spent 38 of its 46 calls on audits")
     ap.add_argument("--offline-audit", type=int, default=60)
     ap.add_argument("--md-audit", type=int, default=500,
                     help="after each run: this many steps of unbiased ASE Langevin MD on its final "
@@ -622,10 +630,10 @@ def main() -> int:
     schemes = [n for n in SCHEMES if not args.only or n in args.only]
     results, sig = {}, None
     for name in schemes:
-        plumed, level, audit = None, LEVEL, args.audit_fraction
+        plumed, level, audit, share = None, LEVEL, args.audit_fraction, args.audit_share
         if name == "b_periodic":
             k = args.steps / (1.15 * args.budget)
-            level, audit = 1e-9, round(1.0 / k, 6)
+            level, audit, share = 1e-9, round(1.0 / k, 6), 1.0    # every call is an audit
             print(f"--- b_periodic: level 1e-9 (nothing flagged), audit_fraction {audit:g} "
                   f"(one call per K = {1 / audit:.0f} steps on average)")
         if name.startswith("c_"):
@@ -648,7 +656,7 @@ def main() -> int:
         if args.analyse_only:
             wall = None
         else:
-            cfg = write_config(name, args, eps, level, audit, plumed)
+            cfg = write_config(name, args, eps, level, audit, plumed, share)
             wall = run_scheme(name, cfg)
         results[name] = r = analyse(name, wall, target, eps, args.offline_audit, args.md_audit)
         if name == "a_paper":

@@ -323,6 +323,24 @@ def test_rate_cap_reaches_the_trainer_and_its_parser(tmp_path, ethanol_xyz):
           "[learning] min_step_gap", "zero or more", check_code=False)
 
 
+def test_audit_share_reaches_the_trainer_and_its_parser(tmp_path, ethanol_xyz):
+    import argparse
+
+    from rarefly.trainer.selection import SelectionPolicy
+    from rarefly.trainer_cli import configure_parser
+
+    run, cmd, args = _trainer_command(tmp_path, ethanol_xyz, "audit_share = 0.5")
+    assert cmd[cmd.index("--audit-share") + 1] == "0.5" and args.audit_share == 0.5
+    run.cfg.learning.audit_share = SelectionPolicy.audit_share
+    assert "--audit-share" not in run.trainer_command()
+    fails(write(tmp_path, "[learning]\naudit_share = 1.5\n", structure=ethanol_xyz),
+          "[learning] audit_share", "between 0 and 1", check_code=False)
+    parser = argparse.ArgumentParser()
+    configure_parser(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--model", "m", "--db", "d", "--audit-share", "2"])
+
+
 def test_duplicate_distance_reaches_the_trainer_in_angstrom(tmp_path, ethanol_xyz):
     from rarefly.trainer.selection import SelectionPolicy
 

@@ -263,7 +263,7 @@ def test_deduplicator_sees_through_rotation_translation_permutation():
     assert d.is_duplicate(jiggle)
 
 
-def test_rank_puts_audit_first_then_decreasing_sigma():
+def test_rank_puts_audit_first_newest_first_then_decreasing_sigma():
     from rarefly.trainer.selection import rank
 
     rows = [{"id": 1, "origin": "flagged", "sigma_E_raw": 0.01},
@@ -272,7 +272,7 @@ def test_rank_puts_audit_first_then_decreasing_sigma():
             {"id": 4, "origin": "flagged", "sigma_E": 0.02},          # only the calibrated sigma
             {"id": 5, "origin": "audit", "sigma_E_raw": 0.5},
             {"id": 6, "origin": "flagged"}]                            # no sigma at all: last
-    assert [r["id"] for r in rank(rows)] == [2, 5, 3, 4, 1, 6]
+    assert [r["id"] for r in rank(rows)] == [5, 2, 3, 4, 1, 6]
     assert rank([]) == []
 
 
@@ -374,8 +374,8 @@ def test_a_refinement_starts_at_most_its_share_of_reference_calls(tmp_path):
 
     def trainer(name, **cfg):
         t = Trainer.__new__(Trainer)              # only what select_and_submit() uses
-        t.cfg = SimpleNamespace(max_labels=None, backbone_every=3,
-                                selection=SelectionPolicy(max_in_flight=100), **cfg)
+        t.cfg = SimpleNamespace(max_labels=None, backbone_every=3,   # audits unbounded here
+                                selection=SelectionPolicy(max_in_flight=100, audit_share=1.0), **cfg)
         t.store, t.dedup, t.rate_cap = FrameStore(tmp_path / name), Deduplicator(0.0), RateCap(0)
         t._in_flight, t._finishing, t._refining, t._calls_this_refinement = {}, False, True, 0
         t.labeller = SimpleNamespace(submit=lambda s: None)
@@ -403,6 +403,49 @@ def test_a_refinement_starts_at_most_its_share_of_reference_calls(tmp_path):
     t = trainer("seven.db", calls_while_refining=7)
     t.select_and_submit()
     assert (sent(t, "audit"), sent(t, "flagged")) == (1, 7)
+
+
+def test_audit_frames_take_at_most_their_share_of_the_calls_the_newest_first(tmp_path):
+    """[learning] audit_share: an audit frame goes to the reference only while the audit calls
+    (finished, failed or in flight) stay below that share of all calls counting it; the newest
+    audit goes first, the others wait (queued), and flagged frames are not held by them."""
+    from types import SimpleNamespace
+
+    from rarefly.trainer.loop import Trainer
+    from rarefly.trainer.selection import Deduplicator, RateCap, SelectionPolicy
+    from rarefly.trainer.store import FrameStore
+
+    t = Trainer.__new__(Trainer)                  # only what select_and_submit() uses
+    t.cfg = SimpleNamespace(max_labels=None, selection=SelectionPolicy(max_in_flight=100,
+                                                                       audit_share=0.25))
+    t.store, t.dedup, t.rate_cap = FrameStore(tmp_path / "f.db"), Deduplicator(0.0), RateCap(0)
+    t._in_flight, t._finishing, t._refining = {}, False, False
+    t.cfg.selection.rescore_flagged = False
+    t.labeller = SimpleNamespace(submit=lambda s: None)
+    t.labels_done = lambda: t.store.count(state="labelled")
+    for i in range(6):                            # audits a0..a5, oldest first
+        t.store.add(_water((0.05 * i, 0, 0)), frame_id=f"a{i}", step=i, origin="audit")
+    for i in range(6):
+        t.store.add(_water((0.05 * i, 0.5, 0)), frame_id=f"f{i}", step=100 + i, origin="flagged",
+                    sigma_E_raw=0.1 + 0.01 * i)
+
+    def labelling(origin):
+        return sorted(r.frame_id for r in t.store.rows(state="labelling") if r.origin == origin)
+
+    t.select_and_submit()
+    # the first call may be an audit (0 < 0.25 * 1), the next only once 4 calls are made
+    # (1 < 0.25 * 5): the newest audit, then every flagged frame; 7 calls, 1 audit
+    assert labelling("audit") == ["a5"]
+    assert labelling("flagged") == [f"f{i}" for i in range(6)]
+    assert t.store.count(state="queued", origin="audit") == 5
+    t.select_and_submit()                         # 7 calls: a second audit (1 < 0.25 * 8),
+    assert labelling("audit") == ["a3", "a4", "a5"]   # and a third (2 < 0.25 * 9)
+    t.select_and_submit()                         # 9 calls, 3 audits: 3 >= 0.25 * 10, none
+    assert labelling("audit") == ["a3", "a4", "a5"]
+    t.cfg.selection.audit_share = 0.0             # none at all
+    t.store.add(_water((0.9, 0, 0)), frame_id="a6", step=6, origin="audit")
+    t.select_and_submit()
+    assert labelling("audit") == ["a3", "a4", "a5"]
 
 
 def test_rate_cap_picks_the_most_uncertain_frame_of_each_window_as_frames_stream_in():

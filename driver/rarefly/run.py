@@ -472,6 +472,8 @@ class OnTheFlyRun:
                 cmd += ["--backbone-replay", str(cfg.learning.backbone_replay)]
         if cfg.learning.min_step_gap:
             cmd += ["--min-step-gap", str(cfg.learning.min_step_gap)]
+        if cfg.learning.audit_share != SelectionPolicy.audit_share:
+            cmd += ["--audit-share", repr(cfg.learning.audit_share)]
         if cfg.learning.duplicate_distance != SelectionPolicy.dedup_tol:
             cmd += ["--duplicate-distance", repr(cfg.learning.duplicate_distance)]
         if not cfg.learning.rescore_flagged:

@@ -83,6 +83,12 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                         "flagged by an older model version goes to the reference only if the "
                         "trainer's current model still flags it by the driver's criterion; during "
                         "a backbone refinement flagged frames are labelled as they come)")
+    p.add_argument("--audit-share", type=_share, default=SelectionPolicy.audit_share,
+                   metavar="FRACTION",
+                   help="at most this fraction of the reference calls go to audit frames (the "
+                        "drivers' random sample of trusted frames that measures calibration), the "
+                        f"newest first; the others wait (default {SelectionPolicy.audit_share}; 1: "
+                        "no bound, 0: none labelled)")
     p.add_argument("--calibration-memory", type=whole_number(0, "a number of labels (0 or more)"),
                    default=0, metavar="LABELS",
                    help="forget old residuals: about the last LABELS labels set the Student-t "
@@ -125,6 +131,15 @@ def _non_negative(what: str):
 
 
 _distance = _non_negative("a distance in Angstrom (0 or more)")
+
+
+def _share(text: str) -> float:
+    x = _non_negative("a fraction between 0 and 1")(text)
+    if x > 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a fraction between 0 and 1")
+    return x
+
+
 _force = _non_negative("a force in eV/A (0 or more; 0: no limit)")
 
 
@@ -180,6 +195,7 @@ def run(args) -> int:
                             max_label_force=args.max_label_force or None,
                             selection=SelectionPolicy(dedup_tol=args.duplicate_distance,
                                                       min_step_gap=args.min_step_gap,
+                                                      audit_share=args.audit_share,
                                                       rescore_flagged=not args.no_rescore_flagged))
         trainer = finishing["trainer"] = Trainer(cfg)
         if finishing.get("asked"):

@@ -263,6 +263,7 @@ class Trainer:
         rescore = self.cfg.selection.rescore_flagged and not self._refining
         queued = rank(self.store.queued())
         self.rate_cap.plan(queued)
+        audits = None                           # (audit calls, all calls), counted when needed
         for row in queued:
             if free <= 0:
                 break
@@ -271,6 +272,10 @@ class Trainer:
             flagged = row.get("origin") != "audit"
             if flagged and held is not None and self._calls_this_refinement >= held:
                 continue                        # waits for the refined model
+            if not flagged:
+                audits = audits or self._audit_calls()
+                if audits[0] >= self.cfg.selection.audit_share * (audits[1] + 1):
+                    continue                    # over its share of the calls: waits
             verdict = self.rate_cap.verdict(row)
             if verdict == "skip":
                 self.store.set_state(row.id, "skipped", reason=f"rate cap: within "
@@ -295,8 +300,21 @@ class Trainer:
             self.store.set_state(row.id, "labelling")
             self._in_flight[row.id] = (self.labeller.submit(s), s)
             free -= 1
+            if audits is not None:
+                audits = (audits[0] + (not flagged), audits[1] + 1)
             if self._refining and flagged:
                 self._calls_this_refinement += 1
+
+    def _audit_calls(self) -> tuple[int, int]:
+        """(reference calls on audit frames, all reference calls): finished, failed or in
+        flight. ``audit_share`` bounds their ratio: audit frames are ranked first, and once the
+        drivers' frames reached the trainer as they were sent, they took 38 of the paper
+        scheme's 46 calls in bench_onthefly's seventy-third run (36 during its first refinement,
+        where flagged frames are held), leaving 8 to learn from."""
+        st = self.store
+        calls = sum(st.count(state=k) for k in ("labelled", "failed", "labelling"))
+        audit = sum(st.count(state=k, origin="audit") for k in ("labelled", "failed", "labelling"))
+        return audit, calls
 
     def _refinement_call_limit(self) -> int | None:
         """During a backbone refinement: how many flagged frames may go to the reference before

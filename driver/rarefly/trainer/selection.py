@@ -27,6 +27,9 @@ class SelectionPolicy:
     #: trainer holds still flags it (the driver's criterion, from the frame's header); during a
     #: backbone refinement flagged frames are labelled as they come
     rescore_flagged: bool = True
+    #: at most this fraction of the reference calls go to audit frames (the newest first); the
+    #: others wait while it is reached (1: no bound)
+    audit_share: float = 0.2
 
 
 def fingerprint(s: Structure) -> tuple[bytes, np.ndarray]:
@@ -138,10 +141,12 @@ class RateCap:
 
 
 def rank(rows) -> list:
-    """Queued rows, audit frames first (they are few and measure calibration), then flagged
-    frames by decreasing raw uncertainty."""
+    """Queued rows: audit frames first, the newest first (they are few, and measure the
+    calibration of the models serving now; :attr:`SelectionPolicy.audit_share` bounds their
+    calls), then flagged frames by decreasing raw uncertainty."""
     rows = list(rows)
-    audit = [r for r in rows if r.get("origin") == "audit"]
+    audit = sorted((r for r in rows if r.get("origin") == "audit"),
+                   key=lambda r: -(r.id if hasattr(r, "id") else r["id"]))
     flagged = sorted((r for r in rows if r.get("origin") != "audit"),
                      key=lambda r: -float(r.get("sigma_E_raw", r.get("sigma_E", 0.0)) or 0.0))
     return audit + flagged
