@@ -98,7 +98,7 @@ def busy(seconds: float, a) -> None:
         a = (a @ a).tanh_()
 
 
-def one(name: str, tmp: str, args) -> dict:
+def one(name: str, tmp: str, args, labeller) -> dict:
     import torch
     import zmq
 
@@ -124,7 +124,14 @@ def one(name: str, tmp: str, args) -> dict:
     stored, steps = 0, 0
     t0 = time.monotonic()
     last = time.monotonic()
+    labels, pending = 0, None
     while sender.poll() is None:
+        if labeller is not None:                         # one reference call at a time
+            if pending is not None and pending.done():
+                pending.result()
+                labels, pending = labels + 1, None
+            if pending is None:
+                pending = labeller.submit(next(frames(1))[1])
         busy(args.step_seconds, a)
         now = time.monotonic()
         budget = 0.005 if name == "baseline" else refinement_receive_seconds(now - last)
@@ -136,7 +143,7 @@ def one(name: str, tmp: str, args) -> dict:
     tr.inbox.close()
     # per second of sending (the loop also ran while the sender started)
     return {"stored": stored, "steps": steps, "seconds": dt, "rate": stored / counts["seconds"],
-            **counts}
+            "labels": labels, **counts}
 
 
 def main() -> int:
@@ -149,6 +156,10 @@ def main() -> int:
                     help="one Adam step of the refinement (0.23-0.5 s for alanine dipeptide "
                          "on 2 cores in runs 61-64)")
     ap.add_argument("--existing", type=int, default=2500, help="rows already in the database")
+    ap.add_argument("--reference", default="xtb",
+                    help="reference labelling alongside, one call at a time, through the trainer's "
+                         "Parsl executor (local worker process), as in a run (default xtb; none: "
+                         "no labelling and no Parsl threads)")
     ap.add_argument("--feed", metavar="ENDPOINT", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.feed:
@@ -156,16 +167,27 @@ def main() -> int:
         return 0
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in ("baseline", "now"):
-            out[name] = one(name, tmp, args)
+        labeller = None
+        if args.reference != "none":
+            from rarefly.trainer.labelling import ExecutorSpec, Labeller
+            from rarefly.trainer.reference import ReferenceSpec
+
+            labeller = Labeller(ReferenceSpec(args.reference), ExecutorSpec("local", 1),
+                                str(Path(tmp) / "parsl"))
+        try:
+            for name in ("baseline", "now"):
+                out[name] = one(name, tmp, args, labeller)
+        finally:
+            if labeller is not None:
+                labeller.close()
     print(f"bench_intake_during_refinement: sender {args.rate:g} frames/s for {args.seconds:g} s; "
-          f"'Adam steps' of {args.step_seconds:g} s; database of {args.existing} rows; "
-          f"{os.cpu_count()} CPUs")
+          f"'Adam steps' of {args.step_seconds:g} s; database of {args.existing} rows; reference "
+          f"{args.reference} alongside; {os.cpu_count()} CPUs")
     for name, label in (("baseline", "baseline (socket read 5 ms a step)"),
                         ("now", "now (inbox thread, 5% of a step)")):
         r = out[name]
         print(f"{label:38s} stored {r['stored']:5d} ({r['rate']:5.1f}/s) of {r['sent']:5d} "
-              f"sent; sender dropped {r['dropped']:5d}; {r['steps']} steps")
+              f"sent; sender dropped {r['dropped']:5d}; {r['steps']} steps, {r['labels']} labels")
     b, n = out["baseline"], out["now"]
     print(f"ratio stored/s now / baseline: {n['rate'] / b['rate']:.2f}; "
           f"dropped: {n['dropped']} against {b['dropped']}")
