@@ -2,25 +2,27 @@
 
 The drivers push every flagged (and audit) frame to the trainer's endpoint without waiting
 (a full queue drops the frame, with the driver's "trainer queue full" warning). The trainer's
-main loop spends minutes inside a backbone refinement, and used to read its socket for 5 ms
-between two Adam steps only. That was too little: in bench_onthefly's 6000-step runs 61-64
-(paper scheme, 60 % of the MD steps flagged) the trainer stored 1-4 frames a second during
-refinements against the driver's 10-20; the drivers of runs 62-64 dropped 767-1590 frames,
-and each trainer ended with the first 2504 frames sent (MD steps up to 3150-4236 of 6000):
-no frame served by a refined model reached it. Run 63's 2504 frames replayed twice at 20 a
-second into a real ``rarefly trainer`` with that run's options: 1.5 frames a second stored
-during its refinement, 1508 of 5008 dropped; with this inbox, none dropped, at most about
-340 frames waiting here at a time (while the loop designed every label after a refinement),
-and all 5008 stored by the time it was stopped.
-``benchmarks/bench_intake_during_refinement.py`` measures the same against a busy loop.
+main loop spends minutes inside a backbone refinement, and used to read its socket only
+between two Adam steps, for 5 ms. In bench_onthefly's 6000-step runs 61-64 (paper scheme, 60 %
+of the MD steps flagged) it stored 1-4 frames a second during refinements against the
+driver's 10-20; the drivers of runs 62-64 dropped 767-1590 frames, and each trainer ended
+with the first 2504 frames sent (MD steps up to 3150-4236 of 6000): no frame served by a
+refined model reached it. Run 63's 2504 frames replayed twice at 20 a second into a real
+``rarefly trainer`` with that run's options: 1.5 frames a second stored during its first
+refinement and 1508 of 5008 dropped. A second replay of the old trainer, under a profiler,
+kept up, but spent 92 of its 178 s selecting frames between Adam steps (a database count
+per queued row, since fixed in ``select_and_submit``): how often the loop came back to the
+socket depended on the queue, the labels and the machine.
 
 Here a thread takes every message off the socket as it arrives and keeps it in memory, in
-order, until the main loop stores it in the database (:meth:`Trainer.receive`). zmq's queues
-then do not fill while the trainer works; memory is bounded by ``max_bytes`` (beyond it the
-thread stops reading, and zmq's own limits apply again). A message held here is lost on a
-SIGKILL exactly as one held in zmq's queue was; a clean stop stores them (``_drain``).
-Messages are raw zmq frames: decoding and checking stay with the trainer (nothing here
-unpickles or interprets them).
+order, until the main loop stores it in the database (:meth:`Trainer.receive`), so what the
+drivers send no longer depends on when the main loop comes back. The same replay with this
+inbox: none dropped, at most about 340 frames waiting here at a time (while the loop designed
+every label after a refinement), all 5008 stored by the time it was stopped. Memory is
+bounded by ``max_bytes`` (beyond it the thread stops reading, and zmq's own limits apply
+again). A message held here is lost on a SIGKILL exactly as one held in zmq's queue was; a
+clean stop stores them (``_drain``). Messages are raw zmq frames: decoding and checking stay
+with the trainer (nothing here unpickles or interprets them).
 """
 
 from __future__ import annotations
