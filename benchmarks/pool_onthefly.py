@@ -212,8 +212,9 @@ def main(argv=None) -> int:
                                  epilog="\n".join(__doc__.splitlines()[2:]))
     ap.add_argument("--baseline-runs", nargs="+", required=True,
                     help="run folders whose baseline scheme counts (one per seed)")
-    ap.add_argument("--biased-runs", nargs="+", required=True,
-                    help="run folders whose biased scheme counts (one per seed)")
+    ap.add_argument("--biased-runs", nargs="*", default=[],
+                    help="run folders whose biased scheme counts (one per seed; none: the baseline "
+                         "runs alone, for their audit coverage)")
     ap.add_argument("--out", type=Path, default=HERE / "bench_onthefly.out",
                     help="the runs (default: %(default)s)")
     ap.add_argument("--biased", default="c_ts", help="the biased scheme (default: %(default)s)")
@@ -229,7 +230,7 @@ def main(argv=None) -> int:
         sys.exit(f"{args.out} holds no bench_onthefly.py run (no '===== RAREFLY_BENCH_DIR=...' line).")
     a, b = args.baseline, args.biased
     base, ta = load(args.baseline_runs, a, secs, args.out.name)
-    bias, tb = load(args.biased_runs, b, secs, args.out.name)
+    bias, tb = load(args.biased_runs, b, secs, args.out.name) if args.biased_runs else ({}, ta)
     if abs(ta - tb) > 1e-4:
         sys.exit(f"the {a} runs have target {ta} eV/A, the {b} runs {tb}: not pooled.")
     target = ta
@@ -261,14 +262,17 @@ def main(argv=None) -> int:
           "at its call count)")
     med = {}
     for k, rows in ((a, base), (b, bias)):
+        if not rows:
+            continue
         counts = [(r["n"], True) if r["n"] else (r["calls"], False) for r in rows.values()]
         med[k], line = plv.median_summary(k, counts, "calls")
         print(f"  {line}")
-    verdict = plv.median_verdict(a, b, med)
-    print(f"TARGET 1 on the median calls (live): {verdict}")
+    if bias:
+        verdict = plv.median_verdict(a, b, med)
+        print(f"TARGET 1 on the median calls (live): {verdict}")
 
     print("\naudit coverage pooled over the runs (target 2: >= 0.95): frames within epsilon / frames")
-    for k, rows in ((a, base), (b, bias)):
+    for k, rows in ((a, base), (b, bias)) if bias else ((a, base),):
         for col, what in (("cov_audit", "the runs' audit frames as bench_onthefly printed it"),
                           ("cov_offline", "offline frames the final model trusts")):
             got = [r[col] for r in rows.values() if r[col] is not None]
@@ -277,7 +281,7 @@ def main(argv=None) -> int:
             print(f"  {k:8s} {what}: " + (f"{ok}/{n} = {ok / n:.2f} ({coverage_interval(ok, n)})"
                                           if n else "none") + f"  (per run {per})")
     print("  the model that served each audit frame (and trusted it), from the run folders:")
-    served = {k: served_coverage(rows, k, secs) for k, rows in ((a, base), (b, bias))}
+    served = {k: served_coverage(rows, k, secs) for k, rows in ((a, base), (b, bias)) if rows}
     for k, (ok, n, per, missing, _) in served.items():
         print(f"  {k:8s} " + (f"{ok}/{n} = {ok / n:.2f} ({coverage_interval(ok, n)})" if n else "none")
               + f"  (per run {' '.join(per)})"

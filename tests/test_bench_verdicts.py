@@ -208,6 +208,13 @@ def test_pool_onthefly_pairs_seeds_and_censors(tmp_path, capsys):
     with pytest.raises(SystemExit, match="has no c_ts row"):
         pool_onthefly.main(["--baseline-runs", "/tmp/s1", "--biased-runs", "/tmp/s1long",
                             "--out", str(out)])
+    # the baseline runs alone (the paper scheme's long runs): no target 1, their coverage
+    assert pool_onthefly.main(["--baseline-runs", "/tmp/s1long", "/tmp/s2", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "target 1 per seed: no seed with both schemes" in text
+    assert "2 a_paper runs, 0 c_ts runs" in text and "TARGET 1" not in text
+    assert "c_ts     " not in text
+    assert "a_paper  the runs' audit frames as bench_onthefly printed it: 11/13 = 0.85" in text
 
 
 def test_pool_onthefly_reads_the_committed_runs():
