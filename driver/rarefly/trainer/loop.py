@@ -38,8 +38,9 @@ RECEIVE_BATCH = 64
 RECEIVE_SECONDS = 0.5
 #: between two refinement steps: this fraction of the step's time (at least
 #: ``REFINE_RECEIVE_MIN_SECONDS``) goes to storing the frames that arrived; a frame costs about
-#: 1 ms, an Adam step of alanine dipeptide 0.3-0.5 s on 2 cores (a fixed 5 ms stored 1-4 frames
-#: a second against the driver's 10-20, see :mod:`rarefly.trainer.inbox`)
+#: 1 ms, an Adam step of alanine dipeptide 0.3-0.5 s on 2 cores (was a fixed 5 ms; the trainers
+#: of bench_onthefly's runs 61-64 stored 1-4 frames a second during refinements against the
+#: driver's 10-20, see :mod:`rarefly.trainer.inbox`)
 REFINE_RECEIVE_FRACTION = 0.05
 REFINE_RECEIVE_MIN_SECONDS = 0.005
 REFINE_RECEIVE_MAX_SECONDS = 0.25
@@ -266,7 +267,7 @@ class Trainer:
         audits = None                           # (audit calls, all calls), counted when needed
         # once per call: no label finishes in this loop (a count per queued row was half the
         # trainer's time during a refinement with 3000 frames queued: 144,000 queries, 88 s
-        # of 178 s, profiled on bench_onthefly run 63's frames)
+        # of 178 s, profiled with bench_onthefly run 63's frames replayed)
         done = self.labels_done() if budget is not None else 0
         for row in queued:
             if free <= 0:
