@@ -265,14 +265,15 @@ def test_deduplicator_sees_through_rotation_translation_permutation():
 
 def test_rank_puts_audit_first_newest_first_then_decreasing_sigma():
     from rarefly.trainer.selection import rank
+    from rarefly.trainer.store import QueuedRow
 
-    rows = [{"id": 1, "origin": "flagged", "sigma_E_raw": 0.01},
-            {"id": 2, "origin": "audit", "sigma_E_raw": 0.001},
-            {"id": 3, "origin": "flagged", "sigma_E_raw": 0.05},
-            {"id": 4, "origin": "flagged", "sigma_E": 0.02},          # only the calibrated sigma
-            {"id": 5, "origin": "audit", "sigma_E_raw": 0.5},
-            {"id": 6, "origin": "flagged"}]                            # no sigma at all: last
-    assert [r["id"] for r in rank(rows)] == [5, 2, 3, 4, 1, 6]
+    rows = [QueuedRow(1, {"origin": "flagged", "sigma_E_raw": 0.01}),
+            QueuedRow(2, {"origin": "audit", "sigma_E_raw": 0.001}),
+            QueuedRow(3, {"origin": "flagged", "sigma_E_raw": 0.05}),
+            QueuedRow(4, {"origin": "flagged", "sigma_E": 0.02}),     # only the calibrated sigma
+            QueuedRow(5, {"origin": "audit", "sigma_E_raw": 0.5}),
+            QueuedRow(6, {"origin": "flagged"})]                       # no sigma at all: last
+    assert [r.id for r in rank(rows)] == [5, 2, 3, 4, 1, 6]
     assert rank([]) == []
 
 

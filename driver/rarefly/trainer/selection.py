@@ -145,8 +145,7 @@ def rank(rows) -> list:
     calibration of the models serving now; :attr:`SelectionPolicy.audit_share` bounds their
     calls), then flagged frames by decreasing raw uncertainty."""
     rows = list(rows)
-    audit = sorted((r for r in rows if r.get("origin") == "audit"),
-                   key=lambda r: -(r.id if hasattr(r, "id") else r["id"]))
+    audit = sorted((r for r in rows if r.get("origin") == "audit"), key=lambda r: -r.id)
     flagged = sorted((r for r in rows if r.get("origin") != "audit"),
                      key=lambda r: -float(r.get("sigma_E_raw", r.get("sigma_E", 0.0)) or 0.0))
     return audit + flagged
