@@ -296,6 +296,7 @@ duplicate_distance = {args.duplicate_distance}
 calibration_memory = {args.calibration_memory}
 recalibrate_after_refinement = {"true" if args.recalibrate else "false"}
 calibration_tilt = {"true" if args.calibration_tilt else "false"}
+served_calibration = {"false" if args.no_served_calibration else "true"}
 replay_energies = {"true" if args.replay_energies else "false"}
 align_energies = {"true" if args.align else "false"}
 holdout_file = "{TS}"
@@ -459,7 +460,7 @@ def analyse(name: str, wall: float | None, target: float, epsilon: float, n_audi
                   if audit else float("nan"))
     steps = int(data.props["step"].max()) if "step" in data.props else 0
     grad = [int(e.get("gradient_steps", 0)) for e in data.publishes]
-    secs = [float(e.get("seconds", 0.0)) for e in data.publishes]
+    secs = [float(e.get("seconds", 0.0)) for e in data.publishes if not e.get("calibration_only")]
     frames = trajectory(d)
     phi = wrap([a.get_dihedral(*PHI0) for a in frames])
     label_phi = []
@@ -562,6 +563,10 @@ def main() -> int:
     ap.add_argument("--calibration-tilt", action="store_true",
                     help="centre the energy error model on the Boltzmann tilt -sigma_E^2/kT "
                          "([learning] calibration_tilt)")
+    ap.add_argument("--no-served-calibration", action="store_true",
+                    help="keep the served model's calibration until a refinement is published "
+                         "([learning] served_calibration = false; runs before 2026-12-07 22:00 "
+                         "UTC ran so)")
     ap.add_argument("--replay-energies", action="store_true",
                     help="after a refinement the readout also takes the replay frames' energies "
                          "([learning] replay_energies)")
@@ -614,7 +619,11 @@ def main() -> int:
           + ("; energy error model centred on the Boltzmann tilt -sigma_E^2/kT ([learning] "
              "calibration_tilt)" if args.calibration_tilt else "")
           + ("; the readout also takes the replay energies after a refinement ([learning] "
-             "replay_energies)" if args.replay_energies else ""))
+             "replay_energies)" if args.replay_energies else "")
+          + ("; the served model's calibration waits for the refinement ([learning] "
+             "served_calibration = false)" if args.no_served_calibration else
+             "; during a refinement the served model's calibration takes the labels' residuals "
+             "([learning] served_calibration)" if args.backbone_steps else ""))
     print(f"epsilon = {args.epsilon_kcal:g} kcal/mol = {eps * 1000:.1f} meV; starting model's "
           f"confidence: basin frames median {np.median(s['conf_basin']):.3f} "
           f"({np.mean(s['conf_basin'] < LEVEL):.0%} below {LEVEL}), TS frames median "

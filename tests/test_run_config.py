@@ -412,6 +412,15 @@ def test_rescore_flagged_is_on_by_default_and_can_be_switched_off(tmp_path, etha
           "[learning] rescore_flagged", check_code=False)
 
 
+def test_served_calibration_is_on_by_default_and_can_be_switched_off(tmp_path, ethanol_xyz):
+    run, cmd, args = _trainer_command(tmp_path, ethanol_xyz, "served_calibration = false")
+    assert "--no-served-calibration" in cmd and args.no_served_calibration
+    run.cfg.learning.served_calibration = True
+    assert "--no-served-calibration" not in run.trainer_command()
+    fails(write(tmp_path, '[learning]\nserved_calibration = "yes"\n', structure=ethanol_xyz),
+          "[learning] served_calibration", check_code=False)
+
+
 @pytest.mark.parametrize("key, flag, bad", [
     ("replay_energies", "--replay-energies", "1"),
     ("recalibrate_after_refinement", "--recalibrate-after-refinement", '"yes"'),

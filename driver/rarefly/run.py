@@ -478,6 +478,8 @@ class OnTheFlyRun:
             cmd += ["--duplicate-distance", repr(cfg.learning.duplicate_distance)]
         if not cfg.learning.rescore_flagged:
             cmd += ["--no-rescore-flagged"]
+        if not cfg.learning.served_calibration:
+            cmd += ["--no-served-calibration"]
         if cfg.learning.calibration_memory:
             cmd += ["--calibration-memory", str(cfg.learning.calibration_memory)]
         if cfg.learning.recalibrate_after_refinement:
