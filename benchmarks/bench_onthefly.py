@@ -565,8 +565,8 @@ def main() -> int:
                          "([learning] calibration_tilt)")
     ap.add_argument("--no-served-calibration", action="store_true",
                     help="keep the served model's calibration until a refinement is published "
-                         "([learning] served_calibration = false; runs before 2026-12-07 22:00 "
-                         "UTC ran so)")
+                         "([learning] served_calibration = false; runs 1-89 of "
+                         "bench_onthefly.out ran so)")
     ap.add_argument("--replay-energies", action="store_true",
                     help="after a refinement the readout also takes the replay frames' energies "
                          "([learning] replay_energies)")
