@@ -609,6 +609,7 @@ def test_during_a_refinement_the_served_models_calibration_takes_the_served_resi
     assert [p["model_version"] for p in on_disk] == [v0 + 1, v0 + 2, v0 + 2]
     for p in on_disk:                                   # the served weights, patched
         assert p["provenance"]["calibration_patch_of"] == v0
+        assert p["provenance"][loop.UNPATCHED_CALIBRATION] == start.calibration.to_dict()
         assert all(torch.equal(p["weights"][k], w) for k, w in
                    start.backbone.model.state_dict().items())
     cal = [p["calibration"]["energy"] for p in on_disk]
@@ -624,6 +625,65 @@ def test_during_a_refinement_the_served_models_calibration_takes_the_served_resi
             for e in publish] == [(v0 + 1, True, 0), (v0 + 2, True, 0), (v0 + 3, False, 3)]
     final = load_posterior(model)
     assert final.model_version == v0 + 3 and "calibration_patch_of" not in final.provenance
+
+
+def test_a_trainer_stopped_after_a_calibration_patch_learns_its_labels_once_on_restart(
+        tmp_path, model_file):
+    """A trainer killed during a refinement, after a calibration patch: the restarted one
+    starts from the patched version with the calibration the served version was published
+    with (the patch's residuals are of labels not yet marked learned, which it learns again),
+    so every residual counts once; its first update publishes the next version. Real xTB,
+    real MACE."""
+    import dataclasses
+
+    from rarefly.model_file import load_model_file
+    from rarefly.posterior import load_posterior
+    from rarefly.trainer import loop
+    from rarefly.trainer.reference import ReferenceSpec, label
+    from rarefly.trainer.store import FrameStore
+
+    model = tmp_path / "model.rfly"
+    model.write_bytes(Path(model_file).read_bytes())
+    ref = ReferenceSpec("xtb")
+    st = FrameStore(tmp_path / "frames.db")
+    for k, s in enumerate(_frames(2)):
+        st.add_label(st.add(s, frame_id=f"f{k}", origin="flagged"),
+                     *label(ref, s.numbers, s.positions), ref.describe())
+    del st
+    start = load_posterior(model)
+    cfg = _xtb_config(tmp_path, model, ref, backbone_steps=3, backbone_every=2)
+
+    class Killed(Exception):
+        pass
+
+    tr = loop.Trainer(cfg)
+    try:
+        real = tr._keep_labelling
+
+        def between():
+            real()
+            raise Killed                       # after the first patch
+        tr._keep_labelling = between
+        with pytest.raises(Killed):
+            tr.maybe_update()
+    finally:
+        tr.close()
+    patched = load_model_file(model)
+    assert patched["model_version"] == start.model_version + 1
+    assert patched["calibration"]["energy"]["a"] == pytest.approx(start.calibration.energy.a + 1.0)
+    tr = loop.Trainer(dataclasses.replace(cfg, backbone_steps=0))   # readout-only, quick
+    try:
+        assert tr.posterior.model_version == start.model_version + 1
+        assert tr.posterior.calibration.to_dict() == start.calibration.to_dict()
+        assert loop.UNPATCHED_CALIBRATION not in tr.posterior.provenance
+        assert tr.maybe_update()
+    finally:
+        tr.close()
+    final = load_posterior(model)
+    assert final.model_version == start.model_version + 2
+    assert final.calibration.energy.a == pytest.approx(start.calibration.energy.a + 1.0)   # once
+    assert final.calibration.energy.n == start.calibration.energy.n + 2
+    assert "calibration_patch_of" not in final.provenance
 
 
 def test_labels_finished_during_a_refinement_get_their_own_refinement_without_a_new_label(

@@ -56,6 +56,8 @@ FINISH_DRAIN_SECONDS = 30.0
 #: during a refinement, at most one republication of the served model's calibration per this
 #: many seconds (the driver reloads the file, about a second on a CPU)
 SERVED_PATCH_SECONDS = 10.0
+#: provenance key of a calibration patch: the calibration of the version it patches
+UNPATCHED_CALIBRATION = "unpatched_calibration"
 
 
 def refinement_receive_seconds(step_seconds: float) -> float:
@@ -117,6 +119,7 @@ class Trainer:
         self.store = FrameStore(cfg.database)
         recovered = self.store.recover()
         self.posterior = load_posterior(cfg.model)
+        self._unpatch_calibration()
         self.events_path = Path(cfg.events or Path(cfg.database).with_suffix(".jsonl"))
         self.dedup = Deduplicator(cfg.selection.dedup_tol)
         for f in self.store.labelled_frames():
@@ -689,6 +692,17 @@ class Trainer:
         cal.update(np.array([self.posterior.offset_energy(s.numbers, energy) - pred]), np.array([raw]))
         st["pending"] += 1
 
+    def _unpatch_calibration(self) -> None:
+        """Started from a calibration patch (stopped during a refinement): the labels whose
+        residuals the patch holds were never marked as learned, so they are learned again, with
+        the calibration the patched version had when it was published."""
+        prov = self.posterior.provenance
+        if UNPATCHED_CALIBRATION in prov:
+            from rarefly.calibration import Calibration
+
+            self.posterior.calibration = Calibration.from_dict(prov.pop(UNPATCHED_CALIBRATION))
+            prov.pop("calibration_patch_of", None)
+
     def _patch_served_calibration(self) -> bool:
         """Republish the served model with the calibration of :meth:`_note_served_residual`,
         as a new version (same weights and readout; the refined model is published after it).
@@ -724,9 +738,12 @@ class Trainer:
             return False
         version = post.model_version + 1
         payload["model_version"] = version
-        payload["calibration"] = st["calibration"].to_dict()
-        payload["provenance"] = {**(payload.get("provenance") or {}),
-                                 "calibration_patch_of": min(st["versions"])}
+        payload["calibration"], unpatched = st["calibration"].to_dict(), payload["calibration"]
+        prov = dict(payload.get("provenance") or {})
+        # a restarted trainer learns the labels of a patch again: it starts from this one
+        prov.setdefault(UNPATCHED_CALIBRATION, unpatched)
+        prov["calibration_patch_of"] = min(st["versions"])
+        payload["provenance"] = prov
         save_model_file(self.cfg.model, payload)
         post.model_version = version             # the refined model is published after it
         st["versions"].add(version)
