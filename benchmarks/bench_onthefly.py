@@ -565,7 +565,7 @@ def main() -> int:
                          "([learning] calibration_tilt)")
     ap.add_argument("--no-served-calibration", action="store_true",
                     help="keep the served model's calibration until a refinement is published "
-                         "([learning] served_calibration = false; runs 1-87 of "
+                         "([learning] served_calibration = false; runs 1-86 of "
                          "bench_onthefly.out ran so)")
     ap.add_argument("--replay-energies", action="store_true",
                     help="after a refinement the readout also takes the replay frames' energies "

@@ -4,7 +4,7 @@ Why: in bench_onthefly's runs 74-81 the start model and its readout-only version
 MD for the 80-100 s of the first backbone refinement, trusted frames they were 0.19-0.35 eV
 wrong on, and kept their calibration until the refined model was published, while the labels
 finishing meanwhile showed them wrong. With ``served_calibration`` (the trainer's default
-from bench_onthefly's run 88 on) the served version's energy calibration takes those
+from bench_onthefly's run 87 on) the served version's energy calibration takes those
 residuals during the refinement and is republished with the same weights
 (``Trainer._patch_served_calibration``).
 
