@@ -291,7 +291,8 @@ def test_backbone_refinement_learns_all_weights_and_restarts_from_the_same_prior
 
     def config():
         return _xtb_config(tmp_path, model, ref, backbone_steps=40, backbone_every=2,
-                           backbone_replay=str(replay), replay_energies=True)
+                           backbone_replay=str(replay), replay_energies=True,
+                           served_calibration=False)      # versions one by one here
 
     def force_rmse(post):
         preds = post.predict(frames[:3])
@@ -405,7 +406,8 @@ def test_a_stopping_trainer_publishes_every_label_without_waiting_for_a_refineme
                          *label(ref, s.numbers, s.positions), ref.describe())
 
     cfg = _xtb_config(tmp_path, model, ref, backbone_steps=1500, backbone_every=2,
-                      recalibrate_after_refinement=True)
+                      recalibrate_after_refinement=True,
+                      served_calibration=False)           # versions one by one here
 
     def weights(post):
         return {k: v.clone() for k, v in post.backbone.model.state_dict().items() if v.is_floating_point()}

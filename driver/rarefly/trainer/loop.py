@@ -114,6 +114,10 @@ class TrainerConfig:
 
 
 class Trainer:
+    #: during a refinement: the served model's calibration, updated with the residuals of the
+    #: labels it served (see :meth:`_patch_served_calibration`), else None
+    _serving: dict | None = None
+
     def __init__(self, cfg: TrainerConfig):
         self.cfg = cfg
         self.store = FrameStore(cfg.database)
@@ -170,9 +174,6 @@ class Trainer:
         self._new_frames: list[LabelledFrame] = []
         self._refining = False                 # inside refine_backbone: labels only stored
         self._stored_unlearned: list[tuple] = []
-        #: during a refinement: the served model's calibration, updated with the residuals of
-        #: the labels it served (see :meth:`_patch_served_calibration`), else None
-        self._serving: dict | None = None
         # resuming: labels stored but not yet in a published model are learned now
         for f in self.store.labelled_frames():
             row = self.store.db.get(id=f.info["row"])
