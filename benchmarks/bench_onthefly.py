@@ -207,23 +207,17 @@ psi: TORSION ATOMS=7,9,15,17
 def bond_walls(at_xh: float, at_heavy: float, kappa: float = 50.0) -> str:
     """PLUMED lines that keep the start structure's covalent bonds (ASE's natural cutoffs):
     a harmonic upper wall (KAPPA eV/A^2) on the longest X-H bond beyond ``at_xh`` A and on the
-    longest bond between heavy atoms beyond ``at_heavy`` A. In the forty-fourth run the METAD
-    on (sigma_E, phi) took c_ts's walker where the model is soft in an N-H stretch, and 6 of
-    its 15 labels were of the broken molecule (~5 eV up in xTB)."""
+    longest bond between heavy atoms beyond ``at_heavy`` A, as plumed_inputs/
+    metad_bond_walls.dat has them. In the forty-fourth run the METAD on (sigma_E, phi) took
+    c_ts's walker where the model is soft in an N-H stretch, and 6 of its 15 labels were of
+    the broken molecule (~5 eV up in xTB)."""
     from ase.io import read
-    from ase.neighborlist import NeighborList, natural_cutoffs
 
-    a = read(START)
-    nl = NeighborList(natural_cutoffs(a), self_interaction=False, bothways=False)
-    nl.update(a)
-    bonds = [(i, int(j)) for i in range(len(a)) for j in nl.get_neighbors(i)[0]]
-    xh = [b for b in bonds if 1 in (a.numbers[b[0]], a.numbers[b[1]])]
-    heavy = [b for b in bonds if b not in xh]
+    from rarefly.cv import bond_placeholders
 
-    def atoms(pairs):
-        return " ".join(f"ATOMS{k + 1}={i + 1},{j + 1}" for k, (i, j) in enumerate(pairs))
-
-    return (f"xh: DISTANCES {atoms(xh)} HIGHEST\nheavy: DISTANCES {atoms(heavy)} HIGHEST\n"
+    bonds = bond_placeholders(read(START))
+    return (f"xh: DISTANCES {bonds['RAREFLY_XH_BONDS']} HIGHEST\n"
+            f"heavy: DISTANCES {bonds['RAREFLY_HEAVY_BONDS']} HIGHEST\n"
             f"bondwall: UPPER_WALLS ARG=xh.highest,heavy.highest AT={at_xh:g},{at_heavy:g} "
             f"KAPPA={kappa:g},{kappa:g} EXP=2,2\n")
 
