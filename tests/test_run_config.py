@@ -418,22 +418,15 @@ def test_cv_calibration_reaches_the_driver_and_is_validated(tmp_path, ethanol_xy
                 structure=ethanol_xyz), "[bias] cv_calibration", "frozen", check_code=False)
 
 
-def test_rescore_flagged_is_on_by_default_and_can_be_switched_off(tmp_path, ethanol_xyz):
-    run, cmd, args = _trainer_command(tmp_path, ethanol_xyz, "rescore_flagged = false")
-    assert "--no-rescore-flagged" in cmd and args.no_rescore_flagged
-    run.cfg.learning.rescore_flagged = True
-    assert "--no-rescore-flagged" not in run.trainer_command()
-    fails(write(tmp_path, "[learning]\nrescore_flagged = 0\n", structure=ethanol_xyz),
-          "[learning] rescore_flagged", check_code=False)
-
-
-def test_served_calibration_is_on_by_default_and_can_be_switched_off(tmp_path, ethanol_xyz):
-    run, cmd, args = _trainer_command(tmp_path, ethanol_xyz, "served_calibration = false")
-    assert "--no-served-calibration" in cmd and args.no_served_calibration
-    run.cfg.learning.served_calibration = True
-    assert "--no-served-calibration" not in run.trainer_command()
-    fails(write(tmp_path, '[learning]\nserved_calibration = "yes"\n', structure=ethanol_xyz),
-          "[learning] served_calibration", check_code=False)
+@pytest.mark.parametrize("key, bad", [("rescore_flagged", "0"), ("served_calibration", '"yes"')])
+def test_trainer_switches_are_on_by_default_and_can_be_switched_off(tmp_path, ethanol_xyz, key, bad):
+    flag = "--no-" + key.replace("_", "-")
+    run, cmd, args = _trainer_command(tmp_path, ethanol_xyz, f"{key} = false")
+    assert flag in cmd and getattr(args, "no_" + key)
+    setattr(run.cfg.learning, key, True)
+    assert flag not in run.trainer_command()
+    fails(write(tmp_path, f"[learning]\n{key} = {bad}\n", structure=ethanol_xyz),
+          f"[learning] {key}", check_code=False)
 
 
 @pytest.mark.parametrize("key, flag, bad", [

@@ -77,6 +77,23 @@ def _xtb_config(tmp_path, model, ref, **kw):
                          executor=ExecutorSpec("threads"), align_energies=False, **kw)
 
 
+def _two_labels(tmp_path, model_file, frames):
+    """``model_file`` copied into ``tmp_path`` and a frame store there holding ``frames[:2]``
+    labelled by GFN2-xTB (frame ids f0, f1); returns the model path, the reference and the
+    store."""
+    from rarefly.trainer.reference import ReferenceSpec, label
+    from rarefly.trainer.store import FrameStore
+
+    model = tmp_path / "model.rfly"
+    model.write_bytes(Path(model_file).read_bytes())
+    ref = ReferenceSpec("xtb")
+    st = FrameStore(tmp_path / "frames.db")
+    for k, s in enumerate(frames[:2]):
+        st.add_label(st.add(s, frame_id=f"f{k}", origin="flagged"),
+                     *label(ref, s.numbers, s.positions), ref.describe())
+    return model, ref, st
+
+
 def _events(path):
     return read_events(path)
 
@@ -487,17 +504,11 @@ def test_a_label_finished_during_a_refinement_is_stored_at_once_and_learned_befo
 
     from rarefly.posterior import load_posterior
     from rarefly.trainer.loop import Trainer
-    from rarefly.trainer.reference import ReferenceSpec, label
+    from rarefly.trainer.reference import label
     from rarefly.trainer.store import FrameStore
 
-    model = tmp_path / "model.rfly"
-    model.write_bytes(Path(model_file).read_bytes())
-    ref = ReferenceSpec("xtb")
     frames = _frames(3)
-    st = FrameStore(tmp_path / "frames.db")
-    for k, s in enumerate(frames[:2]):
-        st.add_label(st.add(s, frame_id=f"f{k}", origin="flagged"),
-                     *label(ref, s.numbers, s.positions), ref.describe())
+    model, ref, st = _two_labels(tmp_path, model_file, frames)
     served = load_posterior(model).predict([frames[2]])[0]     # what the driver sent with it
     late = st.add(frames[2], frame_id="f2", origin="flagged", model_version=1,
                   pred_energy=served.energy, confidence=served.confidence,
@@ -565,18 +576,11 @@ def test_during_a_refinement_the_served_models_calibration_takes_the_served_resi
     from rarefly.model_file import load_model_file
     from rarefly.posterior import load_posterior
     from rarefly.trainer import loop
-    from rarefly.trainer.reference import ReferenceSpec, label
-    from rarefly.trainer.store import FrameStore
+    from rarefly.trainer.reference import label
 
     monkeypatch.setattr(loop, "SERVED_PATCH_SECONDS", 0.0)   # a patch at every chance
-    model = tmp_path / "model.rfly"
-    model.write_bytes(Path(model_file).read_bytes())
-    ref = ReferenceSpec("xtb")
     frames = _frames(4)
-    st = FrameStore(tmp_path / "frames.db")
-    for k, s in enumerate(frames[:2]):
-        st.add_label(st.add(s, frame_id=f"f{k}", origin="flagged"),
-                     *label(ref, s.numbers, s.positions), ref.describe())
+    model, ref, st = _two_labels(tmp_path, model_file, frames)
     start = load_posterior(model)
     served = start.predict(frames[2:])                  # what the driver sent with them
     late = [st.add(s, frame_id=f"f{k}", origin="flagged", model_version=v, pred_energy=p.energy,
@@ -641,16 +645,8 @@ def test_a_trainer_stopped_after_a_calibration_patch_learns_its_labels_once_on_r
     from rarefly.model_file import load_model_file
     from rarefly.posterior import load_posterior
     from rarefly.trainer import loop
-    from rarefly.trainer.reference import ReferenceSpec, label
-    from rarefly.trainer.store import FrameStore
 
-    model = tmp_path / "model.rfly"
-    model.write_bytes(Path(model_file).read_bytes())
-    ref = ReferenceSpec("xtb")
-    st = FrameStore(tmp_path / "frames.db")
-    for k, s in enumerate(_frames(2)):
-        st.add_label(st.add(s, frame_id=f"f{k}", origin="flagged"),
-                     *label(ref, s.numbers, s.positions), ref.describe())
+    model, ref, st = _two_labels(tmp_path, model_file, _frames(2))
     del st
     start = load_posterior(model)
     cfg = _xtb_config(tmp_path, model, ref, backbone_steps=3, backbone_every=2)
