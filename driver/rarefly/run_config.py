@@ -105,7 +105,8 @@ class BiasConfig:
     """A PLUMED input using rarefly's CV: a path, or the name of a file in plumed_inputs/
     (e.g. "metad.dat"). Absent: unbiased MD."""
     values: dict[str, str] = field(default_factory=dict)
-    """Values of the input's __KEY__ placeholders other than __RAREFLY_PYCV__."""
+    """Values of the input's __KEY__ placeholders other than __RAREFLY_PYCV__ and the bond
+    lists of metad_bond_walls.dat (filled from [system] structure)."""
     cv_calibration: str = "start"
     """Which Student-t calibration the CV sigma_E carries: "start" keeps that of the model the
     run (or its restart) began with, so that the trainer's new versions do not rescale the CV
