@@ -207,23 +207,17 @@ psi: TORSION ATOMS=7,9,15,17
 def bond_walls(at_xh: float, at_heavy: float, kappa: float = 50.0) -> str:
     """PLUMED lines that keep the start structure's covalent bonds (ASE's natural cutoffs):
     a harmonic upper wall (KAPPA eV/A^2) on the longest X-H bond beyond ``at_xh`` A and on the
-    longest bond between heavy atoms beyond ``at_heavy`` A. In the forty-fourth run the METAD
-    on (sigma_E, phi) took c_ts's walker where the model is soft in an N-H stretch, and 6 of
-    its 15 labels were of the broken molecule (~5 eV up in xTB)."""
+    longest bond between heavy atoms beyond ``at_heavy`` A, as plumed_inputs/
+    metad_bond_walls.dat has them. In the forty-fourth run the METAD on (sigma_E, phi) took
+    c_ts's walker where the model is soft in an N-H stretch, and 6 of its 15 labels were of
+    the broken molecule (~5 eV up in xTB)."""
     from ase.io import read
-    from ase.neighborlist import NeighborList, natural_cutoffs
 
-    a = read(START)
-    nl = NeighborList(natural_cutoffs(a), self_interaction=False, bothways=False)
-    nl.update(a)
-    bonds = [(i, int(j)) for i in range(len(a)) for j in nl.get_neighbors(i)[0]]
-    xh = [b for b in bonds if 1 in (a.numbers[b[0]], a.numbers[b[1]])]
-    heavy = [b for b in bonds if b not in xh]
+    from rarefly.cv import bond_placeholders
 
-    def atoms(pairs):
-        return " ".join(f"ATOMS{k + 1}={i + 1},{j + 1}" for k, (i, j) in enumerate(pairs))
-
-    return (f"xh: DISTANCES {atoms(xh)} HIGHEST\nheavy: DISTANCES {atoms(heavy)} HIGHEST\n"
+    bonds = bond_placeholders(read(START))
+    return (f"xh: DISTANCES {bonds['RAREFLY_XH_BONDS']} HIGHEST\n"
+            f"heavy: DISTANCES {bonds['RAREFLY_HEAVY_BONDS']} HIGHEST\n"
             f"bondwall: UPPER_WALLS ARG=xh.highest,heavy.highest AT={at_xh:g},{at_heavy:g} "
             f"KAPPA={kappa:g},{kappa:g} EXP=2,2\n")
 
@@ -296,6 +290,7 @@ duplicate_distance = {args.duplicate_distance}
 calibration_memory = {args.calibration_memory}
 recalibrate_after_refinement = {"true" if args.recalibrate else "false"}
 calibration_tilt = {"true" if args.calibration_tilt else "false"}
+served_calibration = {"false" if args.no_served_calibration else "true"}
 replay_energies = {"true" if args.replay_energies else "false"}
 align_energies = {"true" if args.align else "false"}
 holdout_file = "{TS}"
@@ -459,7 +454,7 @@ def analyse(name: str, wall: float | None, target: float, epsilon: float, n_audi
                   if audit else float("nan"))
     steps = int(data.props["step"].max()) if "step" in data.props else 0
     grad = [int(e.get("gradient_steps", 0)) for e in data.publishes]
-    secs = [float(e.get("seconds", 0.0)) for e in data.publishes]
+    secs = [float(e.get("seconds", 0.0)) for e in data.publishes if not e.get("calibration_only")]
     frames = trajectory(d)
     phi = wrap([a.get_dihedral(*PHI0) for a in frames])
     label_phi = []
@@ -562,6 +557,10 @@ def main() -> int:
     ap.add_argument("--calibration-tilt", action="store_true",
                     help="centre the energy error model on the Boltzmann tilt -sigma_E^2/kT "
                          "([learning] calibration_tilt)")
+    ap.add_argument("--no-served-calibration", action="store_true",
+                    help="keep the served model's calibration until a refinement is published "
+                         "([learning] served_calibration = false; runs 1-86 of "
+                         "bench_onthefly.out ran so)")
     ap.add_argument("--replay-energies", action="store_true",
                     help="after a refinement the readout also takes the replay frames' energies "
                          "([learning] replay_energies)")
@@ -614,7 +613,11 @@ def main() -> int:
           + ("; energy error model centred on the Boltzmann tilt -sigma_E^2/kT ([learning] "
              "calibration_tilt)" if args.calibration_tilt else "")
           + ("; the readout also takes the replay energies after a refinement ([learning] "
-             "replay_energies)" if args.replay_energies else ""))
+             "replay_energies)" if args.replay_energies else "")
+          + ("; the served model's calibration waits for the refinement ([learning] "
+             "served_calibration = false)" if args.no_served_calibration else
+             "; during a refinement the served model's calibration takes the labels' residuals "
+             "([learning] served_calibration)" if args.backbone_steps else ""))
     print(f"epsilon = {args.epsilon_kcal:g} kcal/mol = {eps * 1000:.1f} meV; starting model's "
           f"confidence: basin frames median {np.median(s['conf_basin']):.3f} "
           f"({np.mean(s['conf_basin'] < LEVEL):.0%} below {LEVEL}), TS frames median "

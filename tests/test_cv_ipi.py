@@ -116,8 +116,11 @@ def ipi_env(endpoint: str, timeout_s: float = 30.0) -> dict:
 
 def prepare(run_dir: Path, plumed_input: str, values: dict | None = None, **xml) -> Structure:
     run_dir.mkdir(parents=True, exist_ok=True)
+    from ase import Atoms
+
     ref = ethanol_xyz(run_dir / "init.xyz")
-    text = rcv.render_plumed_input((INPUTS / plumed_input).read_text(), values)
+    text = rcv.render_plumed_input((INPUTS / plumed_input).read_text(), values,
+                                   structure=Atoms(numbers=ref.numbers, positions=ref.positions))
     (run_dir / "plumed.dat").write_text(text)
     (run_dir / "input.xml").write_text(ipi_xml(**xml))
     return ref
@@ -182,6 +185,7 @@ SINGLE_WALKER = {  # input -> file that must grow with hills/kernels (None: stat
     "hal.dat": None,
     "upper_wall.dat": None,
     "metad_2d.dat": "HILLS",
+    "metad_bond_walls.dat": "HILLS",
 }
 
 
@@ -199,9 +203,11 @@ def test_all_inputs_are_covered():
 def test_plumed_input_runs_in_ipi(tmp_path, double_service, name):
     grows = SINGLE_WALKER[name]
     prepare(tmp_path, name)
+    plumed = tmp_path / "plumed.dat"
     if name == "upper_wall.dat":  # let the wall act within a short run (sigma ~ 0.01-0.05 eV)
-        plumed = tmp_path / "plumed.dat"
         plumed.write_text(plumed.read_text().replace("AT=0.2 ", "AT=0.02 "))
+    if name == "metad_bond_walls.dat":  # ethanol's bonds: X-H 1.09-1.10 A, C-C 1.51 A
+        plumed.write_text(plumed.read_text().replace("AT=1.35,1.9 ", "AT=1.05,1.45 "))
     run_ipi(tmp_path, double_service.endpoint)
     cv = colvar(tmp_path / "COLVAR")
     sigma = cv["sigma"]
@@ -216,6 +222,11 @@ def test_plumed_input_runs_in_ipi(tmp_path, double_service, name):
     same = steps % 20 != 0 if grows else np.ones(len(steps), bool)  # i-PI reports a deposition
     np.testing.assert_allclose(ipi_bias[steps][same], plumed_bias[same], atol=2e-6)  # step after
     assert np.any(plumed_bias != 0.0)
+    if name == "metad_bond_walls.dat":  # the walls act on the longest bond of each kind
+        bonds = np.loadtxt(data_lines(tmp_path / "BONDS"), ndmin=2)
+        want = (50 * np.maximum(bonds[:, 1] - 1.05, 0) ** 2 + 50 * np.maximum(bonds[:, 2] - 1.45, 0) ** 2)
+        np.testing.assert_allclose(cv["bondwall.bias"], want, atol=1e-5)
+        assert cv["bondwall.bias"].min() > 0.01
     # i-PI asks PLUMED twice per step at the same positions: one request per step
     assert double_service.stats["requests"] <= STEPS + 2
 

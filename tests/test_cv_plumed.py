@@ -35,6 +35,38 @@ def test_render_fills_the_plugin_and_the_walker_placeholders(tmp_path):
     assert rcv.main(["render", str(INPUTS / "metad_walkers.dat")]) == 2
 
 
+def test_render_lists_the_bonds_of_the_starting_structure(tmp_path, capsys):
+    """metad_bond_walls.dat: __RAREFLY_XH_BONDS__ and __RAREFLY_HEAVY_BONDS__ become the
+    DISTANCES atom lists of the structure's covalent bonds (1-based); without a structure, or
+    with one that has no bond of a kind, one sentence."""
+    from ase.build import molecule
+    from ase.io import write
+
+    text = (INPUTS / "metad_bond_walls.dat").read_text()
+    with pytest.raises(rcv.CVError, match="give the starting structure"):
+        rcv.render_plumed_input(text)
+    ethanol = molecule("CH3CH2OH")              # C C O H H H H H H
+    write(tmp_path / "ethanol.xyz", ethanol)
+    out = rcv.render_plumed_input(text, structure=tmp_path / "ethanol.xyz")
+    assert "__" not in out
+    xh = next(line for line in out.splitlines() if line.startswith("xh:"))
+    heavy = next(line for line in out.splitlines() if line.startswith("heavy:"))
+    pairs = lambda line: sorted(tuple(int(x) for x in p.split("=")[1].split(","))  # noqa: E731
+                                for p in line.split() if p.startswith("ATOMS"))
+    symbols = ethanol.get_chemical_symbols()
+    assert len(pairs(xh)) == 6 and all("H" in (symbols[i - 1], symbols[j - 1]) for i, j in pairs(xh))
+    assert {(symbols[i - 1], symbols[j - 1]) for i, j in pairs(heavy)} == {("C", "C"), ("C", "O")}
+    assert rcv.main(["render", str(INPUTS / "metad_bond_walls.dat"), "--structure",
+                     str(tmp_path / "ethanol.xyz"), "-o", str(tmp_path / "p.dat")]) == 0
+    assert (tmp_path / "p.dat").read_text() == out
+    assert rcv.main(["render", str(INPUTS / "metad_bond_walls.dat")]) == 2
+    assert "--structure FILE" in capsys.readouterr().err
+    with pytest.raises(rcv.CVError, match="no X-H bond"):
+        rcv.render_plumed_input(text, structure=molecule("CO2"))
+    with pytest.raises(rcv.CVError, match="cannot read the structure"):
+        rcv.render_plumed_input(text, structure=tmp_path / "missing.xyz")
+
+
 def test_plumed_units():
     assert rcv.plumed_units("A,eV") == (1.0, 1.0)
     length, energy = rcv.plumed_units("nm,kj/mol")

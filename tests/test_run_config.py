@@ -386,6 +386,21 @@ def test_max_label_force_reaches_the_trainer_in_ev_per_angstrom(tmp_path, ethano
           "[learning] max_label_force", "eV", check_code=False)
 
 
+def test_a_shipped_bond_wall_input_gets_the_bonds_of_the_system_structure(tmp_path, ethanol_xyz):
+    """[bias] plumed_file = "metad_bond_walls.dat" (a name in plumed_inputs/): `rarefly run`
+    fills its bond lists from [system] structure."""
+    from rarefly.run import render_plumed
+
+    cfg = load_config(write(tmp_path, '[bias]\nplumed_file = "metad_bond_walls.dat"\n',
+                            structure=ethanol_xyz), check_code=False)
+    assert cfg.bias.plumed_file.parent.name == "plumed_inputs"
+    text = render_plumed(cfg, restart=False)
+    xh = next(line for line in text.splitlines() if line.startswith("xh: DISTANCES"))
+    heavy = next(line for line in text.splitlines() if line.startswith("heavy: DISTANCES"))
+    assert xh.count("ATOMS") == 6 and heavy.count("ATOMS") == 2 and "__" not in text
+    assert render_plumed(cfg, restart=True).startswith("RESTART\n")
+
+
 def test_cv_calibration_reaches_the_driver_and_is_validated(tmp_path, ethanol_xyz):
     from pathlib import Path
 
@@ -403,13 +418,15 @@ def test_cv_calibration_reaches_the_driver_and_is_validated(tmp_path, ethanol_xy
                 structure=ethanol_xyz), "[bias] cv_calibration", "frozen", check_code=False)
 
 
-def test_rescore_flagged_is_on_by_default_and_can_be_switched_off(tmp_path, ethanol_xyz):
-    run, cmd, args = _trainer_command(tmp_path, ethanol_xyz, "rescore_flagged = false")
-    assert "--no-rescore-flagged" in cmd and args.no_rescore_flagged
-    run.cfg.learning.rescore_flagged = True
-    assert "--no-rescore-flagged" not in run.trainer_command()
-    fails(write(tmp_path, "[learning]\nrescore_flagged = 0\n", structure=ethanol_xyz),
-          "[learning] rescore_flagged", check_code=False)
+@pytest.mark.parametrize("key, bad", [("rescore_flagged", "0"), ("served_calibration", '"yes"')])
+def test_trainer_switches_are_on_by_default_and_can_be_switched_off(tmp_path, ethanol_xyz, key, bad):
+    flag = "--no-" + key.replace("_", "-")
+    run, cmd, args = _trainer_command(tmp_path, ethanol_xyz, f"{key} = false")
+    assert flag in cmd and getattr(args, "no_" + key)
+    setattr(run.cfg.learning, key, True)
+    assert flag not in run.trainer_command()
+    fails(write(tmp_path, f"[learning]\n{key} = {bad}\n", structure=ethanol_xyz),
+          f"[learning] {key}", check_code=False)
 
 
 @pytest.mark.parametrize("key, flag, bad", [

@@ -77,6 +77,23 @@ def _xtb_config(tmp_path, model, ref, **kw):
                          executor=ExecutorSpec("threads"), align_energies=False, **kw)
 
 
+def _two_labels(tmp_path, model_file, frames):
+    """``model_file`` copied into ``tmp_path`` and a frame store there holding ``frames[:2]``
+    labelled by GFN2-xTB (frame ids f0, f1); returns the model path, the reference and the
+    store."""
+    from rarefly.trainer.reference import ReferenceSpec, label
+    from rarefly.trainer.store import FrameStore
+
+    model = tmp_path / "model.rfly"
+    model.write_bytes(Path(model_file).read_bytes())
+    ref = ReferenceSpec("xtb")
+    st = FrameStore(tmp_path / "frames.db")
+    for k, s in enumerate(frames[:2]):
+        st.add_label(st.add(s, frame_id=f"f{k}", origin="flagged"),
+                     *label(ref, s.numbers, s.positions), ref.describe())
+    return model, ref, st
+
+
 def _events(path):
     return read_events(path)
 
@@ -291,7 +308,8 @@ def test_backbone_refinement_learns_all_weights_and_restarts_from_the_same_prior
 
     def config():
         return _xtb_config(tmp_path, model, ref, backbone_steps=40, backbone_every=2,
-                           backbone_replay=str(replay), replay_energies=True)
+                           backbone_replay=str(replay), replay_energies=True,
+                           served_calibration=False)      # versions one by one here
 
     def force_rmse(post):
         preds = post.predict(frames[:3])
@@ -405,7 +423,8 @@ def test_a_stopping_trainer_publishes_every_label_without_waiting_for_a_refineme
                          *label(ref, s.numbers, s.positions), ref.describe())
 
     cfg = _xtb_config(tmp_path, model, ref, backbone_steps=1500, backbone_every=2,
-                      recalibrate_after_refinement=True)
+                      recalibrate_after_refinement=True,
+                      served_calibration=False)           # versions one by one here
 
     def weights(post):
         return {k: v.clone() for k, v in post.backbone.model.state_dict().items() if v.is_floating_point()}
@@ -485,23 +504,18 @@ def test_a_label_finished_during_a_refinement_is_stored_at_once_and_learned_befo
 
     from rarefly.posterior import load_posterior
     from rarefly.trainer.loop import Trainer
-    from rarefly.trainer.reference import ReferenceSpec, label
+    from rarefly.trainer.reference import label
     from rarefly.trainer.store import FrameStore
 
-    model = tmp_path / "model.rfly"
-    model.write_bytes(Path(model_file).read_bytes())
-    ref = ReferenceSpec("xtb")
     frames = _frames(3)
-    st = FrameStore(tmp_path / "frames.db")
-    for k, s in enumerate(frames[:2]):
-        st.add_label(st.add(s, frame_id=f"f{k}", origin="flagged"),
-                     *label(ref, s.numbers, s.positions), ref.describe())
+    model, ref, st = _two_labels(tmp_path, model_file, frames)
     served = load_posterior(model).predict([frames[2]])[0]     # what the driver sent with it
     late = st.add(frames[2], frame_id="f2", origin="flagged", model_version=1,
                   pred_energy=served.energy, confidence=served.confidence,
                   sigma_E_raw=served.extra["energy_sigma_raw"])
     del st
-    cfg = _xtb_config(tmp_path, model, ref, backbone_steps=3, backbone_every=2)
+    cfg = _xtb_config(tmp_path, model, ref, backbone_steps=3, backbone_every=2,
+                      served_calibration=False)   # its patches: the next test
     result = label(ref, frames[2].numbers, frames[2].positions)
     start = load_posterior(model)
     tr = Trainer(cfg)
@@ -546,6 +560,128 @@ def test_a_label_finished_during_a_refinement_is_stored_at_once_and_learned_befo
     finally:
         tr.close()
     assert load_posterior(model).model_version == refined
+
+
+def test_during_a_refinement_the_served_models_calibration_takes_the_served_residuals(
+        tmp_path, model_file, monkeypatch):
+    """[learning] served_calibration: while a refinement runs, the served version is
+    republished with the same weights and a calibration that holds the residuals of the labels
+    learned at its start and of a label that finished meanwhile (the served model's own
+    prediction, sent with the frame); the refined version comes after the patches. A frame
+    served by another version does not count. Real xTB, real MACE."""
+    from concurrent.futures import Future
+
+    import torch
+
+    from rarefly.model_file import load_model_file
+    from rarefly.posterior import load_posterior
+    from rarefly.trainer import loop
+    from rarefly.trainer.reference import label
+
+    monkeypatch.setattr(loop, "SERVED_PATCH_SECONDS", 0.0)   # a patch at every chance
+    frames = _frames(4)
+    model, ref, st = _two_labels(tmp_path, model_file, frames)
+    start = load_posterior(model)
+    served = start.predict(frames[2:])                  # what the driver sent with them
+    late = [st.add(s, frame_id=f"f{k}", origin="flagged", model_version=v, pred_energy=p.energy,
+                   confidence=p.confidence, sigma_E_raw=p.extra["energy_sigma_raw"])
+            for k, (s, p, v) in enumerate(zip(frames[2:], served, (1, 0)), 2)]
+    del st
+    results = [label(ref, s.numbers, s.positions) for s in frames[2:]]
+    tr = loop.Trainer(_xtb_config(tmp_path, model, ref, backbone_steps=3, backbone_every=2))
+    on_disk = []
+    try:
+        futures = []
+        for row, s in zip(late, frames[2:]):
+            f = Future()
+            tr.store.set_state(row, "labelling")
+            tr._in_flight[row] = (f, s)
+            futures.append(f)
+        real = tr._keep_labelling
+
+        def between():                     # both labels finish at the second step
+            if len(on_disk) == 1:
+                for f, result in zip(futures, results):
+                    f.set_result(result)
+            out = real()
+            on_disk.append(load_model_file(model))
+            return out
+
+        tr._keep_labelling = between
+        assert tr.maybe_update()
+    finally:
+        tr.close()
+    v0 = start.model_version
+    assert [p["model_version"] for p in on_disk] == [v0 + 1, v0 + 2, v0 + 2]
+    for p in on_disk:                                   # the served weights, patched
+        assert p["provenance"]["calibration_patch_of"] == v0
+        assert p["provenance"][loop.UNPATCHED_CALIBRATION] == start.calibration.to_dict()
+        assert all(torch.equal(p["weights"][k], w) for k, w in
+                   start.backbone.model.state_dict().items())
+    cal = [p["calibration"]["energy"] for p in on_disk]
+    a0 = start.calibration.energy.a
+    assert cal[0]["a"] == pytest.approx(a0 + 1.0)       # the two labels learned at its start
+    events = _events(tmp_path / "frames.jsonl")
+    done = {e["row"]: e for e in events if e["event"] == "label" and e.get("refined")}
+    r = done[late[0]]["served_error"] / done[late[0]]["served_sigma_raw"]
+    assert cal[1]["a"] == pytest.approx(cal[0]["a"] + 0.5)   # the late label of version 1,
+    assert cal[1]["b"] == pytest.approx(cal[0]["b"] + 0.5 * r * r)   # not the one of 0
+    publish = [e for e in events if e["event"] == "publish"]
+    assert [(e["model_version"], e.get("calibration_only", False), e["gradient_steps"])
+            for e in publish] == [(v0 + 1, True, 0), (v0 + 2, True, 0), (v0 + 3, False, 3)]
+    final = load_posterior(model)
+    assert final.model_version == v0 + 3 and "calibration_patch_of" not in final.provenance
+
+
+def test_a_trainer_stopped_after_a_calibration_patch_learns_its_labels_once_on_restart(
+        tmp_path, model_file):
+    """A trainer killed during a refinement, after a calibration patch: the restarted one
+    starts from the patched version with the calibration the served version was published
+    with (the patch's residuals are of labels not yet marked learned, which it learns again),
+    so every residual counts once; its first update publishes the next version. Real xTB,
+    real MACE."""
+    import dataclasses
+
+    from rarefly.model_file import load_model_file
+    from rarefly.posterior import load_posterior
+    from rarefly.trainer import loop
+
+    model, ref, st = _two_labels(tmp_path, model_file, _frames(2))
+    del st
+    start = load_posterior(model)
+    cfg = _xtb_config(tmp_path, model, ref, backbone_steps=3, backbone_every=2)
+
+    class Killed(Exception):
+        pass
+
+    tr = loop.Trainer(cfg)
+    try:
+        real = tr._keep_labelling
+
+        def between():
+            real()
+            raise Killed                       # after the first patch
+        tr._keep_labelling = between
+        with pytest.raises(Killed):
+            tr.maybe_update()
+    finally:
+        tr.close()
+    patched = load_model_file(model)
+    assert patched["model_version"] == start.model_version + 1
+    assert patched["calibration"]["energy"]["a"] == pytest.approx(start.calibration.energy.a + 1.0)
+    tr = loop.Trainer(dataclasses.replace(cfg, backbone_steps=0))   # readout-only, quick
+    try:
+        assert tr.posterior.model_version == start.model_version + 1
+        assert tr.posterior.calibration.to_dict() == start.calibration.to_dict()
+        assert loop.UNPATCHED_CALIBRATION not in tr.posterior.provenance
+        assert tr.maybe_update()
+    finally:
+        tr.close()
+    final = load_posterior(model)
+    assert final.model_version == start.model_version + 2
+    assert final.calibration.energy.a == pytest.approx(start.calibration.energy.a + 1.0)   # once
+    assert final.calibration.energy.n == start.calibration.energy.n + 2
+    assert "calibration_patch_of" not in final.provenance
 
 
 def test_labels_finished_during_a_refinement_get_their_own_refinement_without_a_new_label(

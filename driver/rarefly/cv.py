@@ -407,19 +407,62 @@ def pycv_plugin_path() -> Path:
 
 
 _PLACEHOLDER_RE = re.compile(r"__([A-Z][A-Z0-9_]*)__")
+#: placeholders filled from a structure's covalent bonds (:func:`bond_placeholders`)
+BOND_PLACEHOLDERS = ("RAREFLY_XH_BONDS", "RAREFLY_HEAVY_BONDS")
 
 
-def render_plumed_input(text: str, values: dict[str, str] | None = None) -> str:
+def covalent_bonds(atoms) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """The bonds of an ASE structure (ASE's natural covalent cutoffs), 0-based pairs: those
+    with a hydrogen, and those between heavier atoms."""
+    from ase.neighborlist import NeighborList, natural_cutoffs
+
+    nl = NeighborList(natural_cutoffs(atoms), self_interaction=False, bothways=False)
+    nl.update(atoms)
+    bonds = [(i, int(j)) for i in range(len(atoms)) for j in sorted(nl.get_neighbors(i)[0])]
+    xh = [b for b in bonds if 1 in (atoms.numbers[b[0]], atoms.numbers[b[1]])]
+    return xh, [b for b in bonds if b not in xh]
+
+
+def bond_placeholders(structure) -> dict[str, str]:
+    """``__RAREFLY_XH_BONDS__`` and ``__RAREFLY_HEAVY_BONDS__``: the ATOMSn= lists of a
+    PLUMED DISTANCES action over the structure's X-H and heavy-atom bonds (1-based, the MD's
+    atom order). ``structure``: a file ASE reads, or ASE Atoms."""
+    from ase import Atoms
+    from ase.io import read
+
+    try:
+        atoms = structure if isinstance(structure, Atoms) else read(structure)
+    except Exception as exc:  # noqa: BLE001
+        raise CVError(f"cannot read the structure {structure} for its bonds ({exc})") from None
+    out = {}
+    for key, pairs, what in zip(BOND_PLACEHOLDERS, covalent_bonds(atoms), ("X-H", "heavy-atom")):
+        if not pairs:
+            raise CVError(f"the structure has no {what} bond for __{key}__: remove the lines "
+                          "that use it from the PLUMED input")
+        out[key] = " ".join(f"ATOMS{k + 1}={i + 1},{j + 1}" for k, (i, j) in enumerate(pairs))
+    return out
+
+
+def render_plumed_input(text: str, values: dict[str, str] | None = None,
+                        structure=None) -> str:
     """Fill the placeholders of a rarefly PLUMED input.
 
-    ``__RAREFLY_PYCV__`` becomes the PyCV plugin path; any other ``__KEY__`` takes
-    ``values[KEY]`` (e.g. ``WALKER_ID`` in the multiple-walker input). A placeholder left
-    without a value is an error.
+    ``__RAREFLY_PYCV__`` becomes the PyCV plugin path; ``__RAREFLY_XH_BONDS__`` and
+    ``__RAREFLY_HEAVY_BONDS__`` the bonds of ``structure`` (the MD's starting structure, see
+    :func:`bond_placeholders`); any other ``__KEY__`` takes ``values[KEY]`` (e.g.
+    ``WALKER_ID`` in the multiple-walker input). A placeholder left without a value is an
+    error.
     """
     values = {k.upper(): str(v) for k, v in (values or {}).items()}
     if PYCV_PLACEHOLDER in text:
         values.setdefault("RAREFLY_PYCV", str(pycv_plugin_path()))
-    missing = sorted({m for m in _PLACEHOLDER_RE.findall(text) if m not in values})
+    wanted = set(_PLACEHOLDER_RE.findall(text))
+    if wanted & set(BOND_PLACEHOLDERS) - set(values):
+        if structure is None:
+            raise CVError("the PLUMED input lists the structure's bonds: give the starting "
+                          "structure (--structure FILE; `rarefly run` passes [system] structure)")
+        values = {**bond_placeholders(structure), **values}
+    missing = sorted(m for m in wanted if m not in values)
     if missing:
         raise CVError(f"the PLUMED input needs values for {', '.join(missing)} "
                       f"(give --set {missing[0]}=...)")
@@ -431,11 +474,16 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m rarefly.cv",
         description="Helpers for PLUMED inputs that use rarefly's uncertainty CV.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("render", help="fill __RAREFLY_PYCV__ (and --set KEY=VALUE) in an input")
+    p = sub.add_parser("render", help="fill __RAREFLY_PYCV__, the bond lists (--structure) and "
+                                      "--set KEY=VALUE in an input")
     p.add_argument("input", help="a PLUMED input, e.g. plumed_inputs/metad.dat")
     p.add_argument("-o", "--output", help="output file (default: standard output)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="value of a __KEY__ placeholder (repeatable)")
+    p.add_argument("--structure", metavar="FILE",
+                   help="the MD's starting structure (any file ASE reads, in the MD's atom "
+                        "order): its covalent bonds fill __RAREFLY_XH_BONDS__ and "
+                        "__RAREFLY_HEAVY_BONDS__ (plumed_inputs/metad_bond_walls.dat)")
     sub.add_parser("pycv-path", help="print the path of the PyCV plugin")
     args = parser.parse_args(argv)
     try:
@@ -448,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
             if not sep:
                 raise CVError(f"--set {item!r} is not KEY=VALUE")
             values[key] = value
-        text = render_plumed_input(Path(args.input).read_text(), values)
+        text = render_plumed_input(Path(args.input).read_text(), values, args.structure)
     except (CVError, OSError) as err:
         print(f"rarefly.cv: {err}", file=sys.stderr)
         return 2

@@ -175,7 +175,8 @@ def render_plumed(cfg: RunConfig, restart: bool) -> str:
     from rarefly.cv import CVError, render_plumed_input
 
     try:
-        text = render_plumed_input(cfg.bias.plumed_file.read_text(), cfg.bias.values)
+        text = render_plumed_input(cfg.bias.plumed_file.read_text(), cfg.bias.values,
+                                   structure=cfg.system.structure)
     except CVError as exc:
         raise RunError(f"[bias] plumed_file {cfg.bias.plumed_file}: {exc}") from None
     if restart:  # METAD/OPES read back their hills, PRINT appends
@@ -478,6 +479,8 @@ class OnTheFlyRun:
             cmd += ["--duplicate-distance", repr(cfg.learning.duplicate_distance)]
         if not cfg.learning.rescore_flagged:
             cmd += ["--no-rescore-flagged"]
+        if not cfg.learning.served_calibration:
+            cmd += ["--no-served-calibration"]
         if cfg.learning.calibration_memory:
             cmd += ["--calibration-memory", str(cfg.learning.calibration_memory)]
         if cfg.learning.recalibrate_after_refinement:

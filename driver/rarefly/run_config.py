@@ -105,7 +105,8 @@ class BiasConfig:
     """A PLUMED input using rarefly's CV: a path, or the name of a file in plumed_inputs/
     (e.g. "metad.dat"). Absent: unbiased MD."""
     values: dict[str, str] = field(default_factory=dict)
-    """Values of the input's __KEY__ placeholders other than __RAREFLY_PYCV__."""
+    """Values of the input's __KEY__ placeholders other than __RAREFLY_PYCV__ and the bond
+    lists of metad_bond_walls.dat (filled from [system] structure)."""
     cv_calibration: str = "start"
     """Which Student-t calibration the CV sigma_E carries: "start" keeps that of the model the
     run (or its restart) began with, so that the trainer's new versions do not rescale the CV
@@ -169,6 +170,13 @@ class LearningConfig:
     trainer holds still flags it (by the driver's level, force threshold and epsilon); during a
     backbone refinement flagged frames are labelled as they come (default true; false: every
     flagged frame is labelled, as the seed paper does)."""
+    served_calibration: bool = True
+    """While a backbone refinement runs (minutes on a CPU), the served version's energy
+    calibration takes the residuals of the labels that finish meanwhile (the served model's
+    own predictions, sent with the frames) and is republished as a new version with the same
+    weights, at most every 10 s; the refined model follows it (default true; false: the
+    calibration waits for the refinement). In bench_onthefly's runs 74-81 the start model
+    trusted frames it was 0.19-0.35 eV wrong on while the first refinement ran."""
     calibration_memory: int = 0
     """Forget old residuals: about the last this-many labels set the Student-t calibration
     (older evidence discounted by (1 - 1/N) per label; default 0: remember all, as the seed

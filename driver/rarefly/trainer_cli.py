@@ -27,6 +27,7 @@ example:
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
     from rarefly.driver_cli import whole_number
+    from rarefly.trainer.loop import SERVED_PATCH_SECONDS
     from rarefly.trainer.reference import DEFAULT_MAX_LABEL_FORCE
     from rarefly.trainer.selection import SelectionPolicy
 
@@ -83,6 +84,12 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                         "flagged by an older model version goes to the reference only if the "
                         "trainer's current model still flags it by the driver's criterion; during "
                         "a backbone refinement flagged frames are labelled as they come)")
+    p.add_argument("--no-served-calibration", action="store_true",
+                   help="keep the served model's calibration until a backbone refinement is "
+                        "published (default: while one runs, the served version's energy "
+                        "calibration takes the residuals of the labels that finish meanwhile "
+                        "and is republished with the same weights, at most every "
+                        f"{SERVED_PATCH_SECONDS:g} s)")
     p.add_argument("--audit-share", type=_share, default=SelectionPolicy.audit_share,
                    metavar="FRACTION",
                    help="at most this fraction of the reference calls go to audit frames (the "
@@ -190,6 +197,7 @@ def run(args) -> int:
                             backbone_lr=args.backbone_lr, backbone_replay=args.backbone_replay,
                             calls_while_refining=args.calls_while_refining,
                             calibration_memory=args.calibration_memory,
+                            served_calibration=not args.no_served_calibration,
                             recalibrate_after_refinement=args.recalibrate_after_refinement,
                             replay_energies=args.replay_energies,
                             max_label_force=args.max_label_force or None,
