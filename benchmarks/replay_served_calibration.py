@@ -48,20 +48,16 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "driver"))
 
-from rarefly.calibration import ScaleCalibration, keep_fraction  # noqa: E402
+from rarefly.calibration import ScaleCalibration  # noqa: E402
+from rarefly.report import read_events, read_step_extras  # noqa: E402
 from rarefly.trainer.loop import SERVED_PATCH_SECONDS  # noqa: E402
 
 
 def _steps(path: Path):
-    """Per MD step: (step, calibrated sigma_E, confidence, model version) from i-PI's extras."""
-    out, step = [], None
-    for line in path.read_text().splitlines():
-        if line.startswith(" #"):
-            step = int(line.split("Step:")[1])
-        elif line.strip():
-            sigma, conf, version = (float(x) for x in line.split()[:3])
-            out.append((step, sigma, conf, int(version)))
-    return out
+    """Per MD step: (step, calibrated sigma_E, confidence, model version) from i-PI's extras
+    (energy_uncertainty, confidence, model_version, flagged)."""
+    steps, values = read_step_extras(path)
+    return [(int(step), v[0], v[1], int(v[2])) for step, v in zip(steps, values)]
 
 
 def replay(folder: Path, scheme: str, delay: float, patch_seconds: float) -> dict:
@@ -72,7 +68,7 @@ def replay(folder: Path, scheme: str, delay: float, patch_seconds: float) -> dic
     eps, level = float(run["epsilon_eV"]), float(run["level"])
     cfg = tomllib.loads((folder / f"{scheme}.toml").read_text())
     memory = int(cfg.get("learning", {}).get("calibration_memory", 0))
-    events = [json.loads(line) for line in (d / "frames.jsonl").read_text().splitlines() if line]
+    events = read_events(d / "frames.jsonl")
     pubs = {e["model_version"]: e for e in events if e["event"] == "publish"}
     steps = _steps(d / "simulation.uncertainty_0")
     first: dict[int, int] = {}
@@ -90,9 +86,7 @@ def replay(folder: Path, scheme: str, delay: float, patch_seconds: float) -> dic
     cal, since, last, served = None, [], None, None
 
     def add(residual: float, raw: float) -> None:
-        if memory:
-            cal.discount(keep_fraction(1, memory))
-        cal.update(np.array([residual]), np.array([raw]))
+        cal.learn(np.array([residual]), np.array([raw]), memory)
 
     def patch(t: float) -> None:
         nonlocal last

@@ -124,3 +124,16 @@ def test_tilted_update_centres_the_residuals_and_round_trips():
     assert back.energy.tilt_kT == kT
     with pytest.raises(ValueError, match="kT > 0"):
         cal.set_tilt(0.0)
+
+
+def test_learn_discounts_the_evidence_then_takes_the_residuals():
+    from rarefly.calibration import ScaleCalibration, keep_fraction
+
+    a, b = ScaleCalibration(12.0, 30.0), ScaleCalibration(12.0, 30.0)
+    a.learn(np.array([0.3, -0.1]), np.array([0.1, 0.05]), memory=10)
+    b.discount(keep_fraction(2, 10))
+    b.update(np.array([0.3, -0.1]), np.array([0.1, 0.05]))
+    assert (a.a, a.b, a.n) == (b.a, b.b, b.n) and a.a < 12.0 + 1.0
+    c = ScaleCalibration(12.0, 30.0)
+    c.learn(np.array([0.3]), np.array([0.1]))          # no memory: nothing forgotten
+    assert (c.a, c.b) == pytest.approx((12.5, 30.0 + 0.5 * 9.0))

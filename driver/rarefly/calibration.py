@@ -92,6 +92,13 @@ class ScaleCalibration:
         self.b += 0.5 * float(np.sum(r * r))
         self.n += int(r.size)
 
+    def learn(self, residuals, sigmas, memory: int | None = None) -> None:
+        """:meth:`update` with residuals of new labels, after discounting the evidence so far
+        so that about the last ``memory`` labels count (None or 0: remember everything)."""
+        if memory:
+            self.discount(keep_fraction(np.size(residuals), memory))
+        self.update(residuals, sigmas)
+
     def discount(self, keep: float) -> None:
         """Keep the fraction ``keep`` (0..1] of the evidence gathered beyond the prior."""
         if not 0.0 < keep <= 1.0:

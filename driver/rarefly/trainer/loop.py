@@ -685,12 +685,8 @@ class Trainer:
         pred, raw = _number(row.get("pred_energy")), _number(row.get("sigma_E_raw"))
         if row.get("model_version") not in st["versions"] or pred is None or not raw:
             return
-        cal = st["calibration"].energy
-        if self.cfg.calibration_memory:
-            from rarefly.calibration import keep_fraction
-
-            cal.discount(keep_fraction(1, self.cfg.calibration_memory))
-        cal.update(np.array([self.posterior.offset_energy(s.numbers, energy) - pred]), np.array([raw]))
+        st["calibration"].energy.learn(np.array([self.posterior.offset_energy(s.numbers, energy) - pred]),
+                                       np.array([raw]), self.cfg.calibration_memory)
         st["pending"] += 1
 
     def _unpatch_calibration(self) -> None:
