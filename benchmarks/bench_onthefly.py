@@ -24,7 +24,8 @@ temperature, MD steps and reference budget ([budget] max_reference_calls):
               the walker leaves C7eq through phi = 0 rather than over phi = +-180 deg (the
               C5 / beta side, which holds none of the held-out TS frames)
 The bias widths come from run a's sigma_E along its trajectory (as the inputs' "Scale" notes
-say), the height is kT (--hill-kt).
+say; --sigma-stats gives them instead), the height is kT (--hill-kt). --opes-barrier B makes
+the METAD an OPES_METAD with BARRIER B (eV) on the same arguments: a bounded bias.
 
 Model: benchmarks/data/ala2_c7eq.rfly, the lastlayer posterior fitted on xTB frames of the
 C7eq basin only (made by bench_rare_events.py; rebuilt here through it when missing).
@@ -224,14 +225,21 @@ def bond_walls(at_xh: float, at_heavy: float, kappa: float = 50.0) -> str:
 
 def plumed_bias(name: str, width: float, temperature: float, mean: float = 0.0,
                 hill_kt: float = 1.0, phi_window: tuple[float, float] = (-150.0, 100.0),
-                bonds: tuple[float, float] | None = None) -> str:
+                bonds: tuple[float, float] | None = None, opes_barrier: float | None = None) -> str:
+    """The c schemes' PLUMED lines. With ``opes_barrier`` (eV) the METAD becomes OPES_METAD on
+    the same arguments and widths, whose bias never exceeds BARRIER: a well-tempered METAD on
+    the unbounded sigma_E keeps growing (by step ~7000 of runs 84-89 about 1 eV at one point,
+    a slope ~30 eV per eV of sigma_E against the sigma wall's ~1.4) until it pushes the
+    molecule apart."""
     kt = 8.617333e-5 * temperature
     height = hill_kt * kt
-    if name in ("c_metad2d", "c_ts"):
-        line = (f"metad: METAD ARG=sigma,phi SIGMA={width:.4g},0.35 HEIGHT={height:.4g} PACE=10 "
-                f"BIASFACTOR=10 TEMP={temperature:g} FILE=HILLS")
+    args = "sigma,phi" if name in ("c_metad2d", "c_ts") else "sigma"
+    widths = f"{width:.4g},0.35" if name in ("c_metad2d", "c_ts") else f"{width:.4g}"
+    if opes_barrier:
+        line = (f"metad: OPES_METAD ARG={args} SIGMA={widths} BARRIER={opes_barrier:.4g} PACE=10 "
+                f"TEMP={temperature:g} FILE=KERNELS")
     else:
-        line = (f"metad: METAD ARG=sigma SIGMA={width:.4g} HEIGHT={height:.4g} PACE=10 "
+        line = (f"metad: METAD ARG={args} SIGMA={widths} HEIGHT={height:.4g} PACE=10 "
                 f"BIASFACTOR=10 TEMP={temperature:g} FILE=HILLS")
     printed = "sigma,phi,psi,metad.bias"
     if name == "c_ts":
@@ -527,6 +535,13 @@ def main() -> int:
                          "XH A and the longest heavy-atom bond beyond HEAVY A (e.g. 1.35 1.9)")
     ap.add_argument("--hill-kt", type=float, default=1.0,
                     help="METAD hill height of the c schemes in kT (default 1)")
+    ap.add_argument("--opes-barrier", type=float, default=None, metavar="EV",
+                    help="c schemes: OPES_METAD with this BARRIER (eV) instead of the "
+                         "well-tempered METAD (--hill-kt then unused); its bias stays below it")
+    ap.add_argument("--sigma-stats", type=float, nargs=2, default=None, metavar=("MEAN", "STD"),
+                    help="c schemes: sigma_E mean and std (eV) for the bias widths and the "
+                         "sigma wall, instead of reading them from this folder's a_paper run "
+                         "(e.g. the values on the '--- c_ts' line of an earlier run)")
     ap.add_argument("--backbone-steps", type=int, default=0,
                     help="trainer refinement of all MACE weights ([learning] backbone_steps; "
                          "0: readout-only learning)")
@@ -640,6 +655,8 @@ def main() -> int:
             print(f"--- b_periodic: level 1e-9 (nothing flagged), audit_fraction {audit:g} "
                   f"(one call per K = {1 / audit:.0f} steps on average)")
         if name.startswith("c_"):
+            if sig is None and args.sigma_stats:
+                sig = tuple(args.sigma_stats)
             if sig is None:
                 a_run = WORK / "a_paper" / "simulation.uncertainty_0"
                 from rarefly.report import read_step_extras
@@ -651,10 +668,11 @@ def main() -> int:
             width = max(sig[1], 1e-3)
             plumed = WORK / f"{name}.plumed.dat"
             text = plumed_bias(name, width, args.temperature, sig[0], args.hill_kt,
-                               tuple(args.phi_window), args.bond_walls)
+                               tuple(args.phi_window), args.bond_walls, args.opes_barrier)
             plumed.write_text(text)
             bias_lines = "; ".join(text.splitlines()[len(HEAD.splitlines()):-1])
-            print(f"--- {name}: sigma_E in a_paper mean {sig[0]:.4f} std {sig[1]:.4f} eV; "
+            source = "given with --sigma-stats" if args.sigma_stats else "in a_paper"
+            print(f"--- {name}: sigma_E {source} mean {sig[0]:.4f} std {sig[1]:.4f} eV; "
                   f"{bias_lines}")
         if args.analyse_only:
             wall = None
