@@ -185,6 +185,7 @@ SINGLE_WALKER = {  # input -> file that must grow with hills/kernels (None: stat
     "hal.dat": None,
     "upper_wall.dat": None,
     "metad_2d.dat": "HILLS",
+    "opes_2d.dat": "KERNELS",
     "metad_bond_walls.dat": "HILLS",
 }
 
