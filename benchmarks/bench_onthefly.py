@@ -233,8 +233,8 @@ def plumed_bias(name: str, width: float, temperature: float, mean: float = 0.0,
     wall's ~1.4); in runs 84-89 the molecule then came apart."""
     kt = 8.617333e-5 * temperature
     height = hill_kt * kt
-    args = "sigma,phi" if name in ("c_metad2d", "c_ts") else "sigma"
-    widths = f"{width:.4g},0.35" if name in ("c_metad2d", "c_ts") else f"{width:.4g}"
+    two_d = name in ("c_metad2d", "c_ts")
+    args, widths = ("sigma,phi", f"{width:.4g},0.35") if two_d else ("sigma", f"{width:.4g}")
     if opes_barrier:
         line = (f"metad: OPES_METAD ARG={args} SIGMA={widths} BARRIER={opes_barrier:.4g} PACE=10 "
                 f"TEMP={temperature:g} FILE=KERNELS")
@@ -655,7 +655,7 @@ def main() -> int:
             print(f"--- b_periodic: level 1e-9 (nothing flagged), audit_fraction {audit:g} "
                   f"(one call per K = {1 / audit:.0f} steps on average)")
         if name.startswith("c_"):
-            if sig is None and args.sigma_stats:
+            if args.sigma_stats:    # wins over an a_paper run earlier in the same call
                 sig = tuple(args.sigma_stats)
             if sig is None:
                 a_run = WORK / "a_paper" / "simulation.uncertainty_0"
